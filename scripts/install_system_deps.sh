@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Headless rendering for robosuite needs Mesa's EGL (or OSMesa) and ffmpeg-free video writing
+# needs nothing else. Installs the Debian packages only when a library is missing.
+set -euo pipefail
+missing=()
+ldconfig -p | grep -q 'libEGL.so.1' || missing+=(libegl1 libegl-mesa0)
+ldconfig -p | grep -q 'libGL.so.1' || missing+=(libgl1 libgl1-mesa-dri)
+ldconfig -p | grep -q 'libOSMesa.so' || missing+=(libosmesa6)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "Missing system libraries for headless rendering; run as root: apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
