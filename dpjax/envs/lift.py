@@ -104,6 +104,18 @@ def lift_env_kwargs(image_size: int = 84, horizon: int = 400,
   }
 
 
+def _skipped_sensor(camera_sensor, image_size: int):
+  """A sensor with the camera's modality that renders nothing (see `set_camera_rendering`)."""
+  blank = np.zeros((image_size, image_size, 3), np.uint8)
+
+  def skipped(obs_cache):
+    del obs_cache
+    return blank
+
+  skipped.__modality__ = camera_sensor.__modality__
+  return skipped
+
+
 class LiftEnv:
   """robosuite Lift with upright images, seeded resets and robomimic-style state access."""
 
@@ -117,6 +129,11 @@ class LiftEnv:
     with _numpy_global_seed(_MODEL_SEED):
       self.env = robosuite.make('Lift', **self._env_kwargs)
     self._image_keys = tuple(f'{c}_image' for c in CAMERAS) if use_cameras else ()
+    self._render_cameras = True
+    observables = self.env._observables  # pylint: disable=protected-access
+    self._camera_sensors = {k: observables[k]._sensor for k in self._image_keys}  # pylint: disable=protected-access
+    self._skipped_sensors = {k: _skipped_sensor(self._camera_sensors[k], image_size)
+                             for k in self._image_keys}
     # robosuite renders bottom-up ('opengl') unless a private macro file changed the convention.
     self._flip_images = robosuite_macros.IMAGE_CONVENTION == 'opengl'
     self._state_size = self.env.sim.get_state().flatten().shape[0]
@@ -124,6 +141,8 @@ class LiftEnv:
   def _observation(self, raw: dict[str, Any]) -> dict[str, np.ndarray]:
     obs = {}
     for key, value in raw.items():
+      if key in self._image_keys and not self._render_cameras:
+        continue
       value = np.asarray(value)
       if key in self._image_keys and self._flip_images:
         value = np.ascontiguousarray(value[::-1])
@@ -187,6 +206,24 @@ class LiftEnv:
         'env_version': robosuite.__version__,
         'env_kwargs': copy.deepcopy(self._env_kwargs),
     }
+
+  def set_camera_rendering(self, enabled: bool) -> None:
+    """Renders the cameras on the next steps or not; physics is unaffected.
+
+    While off, the `<camera>_image` keys are absent from observations. Rendering is ~90 % of a
+    step's cost, and a policy only sees the last n_obs_steps frames of each action chunk.
+    The camera observables stay enabled with a no-op sensor while off: disabling them would
+    stop their sampling clock, and the first frame after re-enabling would be sampled at
+    another physics substep than an always-on camera's.
+    """
+    if enabled == self._render_cameras:
+      return
+    self._render_cameras = enabled
+    for key in self._image_keys:
+      observable = self.env._observables[key]  # pylint: disable=protected-access
+      # Set directly: `modify_observable(..., 'sensor', ...)` probes the sensor, i.e. renders.
+      observable._sensor = (self._camera_sensors[key] if enabled  # pylint: disable=protected-access
+                            else self._skipped_sensors[key])
 
   def close(self) -> None:
     self.env.close()

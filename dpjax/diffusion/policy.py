@@ -1,0 +1,299 @@
+"""Diffusion Policy (transformer, hybrid image encoder): training loss and action sampling.
+
+Mirrors the reference `DiffusionTransformerHybridImagePolicy` (SPEC §4–§6, §10):
+
+* observations are normalised in-graph (uint8 images → [−1, 1]) and only the first To frames
+  are encoded, as one flat batch of B·To, into per-step features (B, To, D_obs);
+* `obs_as_cond=True`: the features condition the transformer through cross-attention;
+  `obs_as_cond=False`: they are inpainted into the trajectory [actions, features] on its first
+  To steps (condition mask), and the loss is masked to the free entries;
+* `pred_action_steps_only`: the trajectory is the n_action_steps executed actions, starting at
+  step To − 1, instead of the whole horizon.
+
+Two departures in the inpainting mode, because only To observation frames exist here (the data
+pipeline and the environment provide no more): the reference encodes all T frames, so its
+trajectory holds real features on steps ≥ To and its loss covers them, and its inference
+reshape fails with To < T frames. Here the feature entries of steps ≥ To are zeros and left
+out of the loss; they are free (generated) at sampling and discarded. The reference also
+detaches the features (its encoder gets no gradient in this mode); here the encoder trains
+through the inpainted entries, which are never loss targets, so features cannot collapse.
+
+Parameters: `{'params': {'obs_encoder': ..., 'noise_model': ...}}`.
+"""
+
+from typing import Any, Mapping, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpjax.data.normalizer import ACTION_KEY, Normalizer
+from dpjax.data.shape_meta import ShapeMeta
+from dpjax.diffusion import ddpm, sampling
+from dpjax.diffusion.schedules import make_noise_schedule
+from dpjax.models.obs_encoder import ObservationEncoder, output_dim
+from dpjax.models.transformer import TransformerForDiffusion
+
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class PolicyNetwork(nn.Module):
+  """The two trainable parts; `encode` and `denoise` are applied separately."""
+  obs_encoder: ObservationEncoder
+  noise_model: TransformerForDiffusion
+
+  def encode(self, obs: Mapping[str, jax.Array], train: bool) -> jax.Array:
+    """{key: (N, ...)} normalised observations → (N, D_obs)."""
+    return self.obs_encoder(obs, train=train)
+
+  def denoise(self, sample: jax.Array, timesteps: jax.Array, cond: Optional[jax.Array],
+              train: bool) -> jax.Array:
+    """sample (B, T', Din), timesteps (B,), cond (B, To, D_obs) or None → (B, T', Din)."""
+    return self.noise_model(sample, timesteps, cond, train=train)
+
+  def __call__(self, obs, sample, timesteps, cond, train: bool = False):
+    """Touches both parts (for `init`)."""
+    return self.encode(obs, train), self.denoise(sample, timesteps, cond, train)
+
+
+class DiffusionPolicy:
+  """Pure functions of a variables dict; holds no parameters or state itself.
+
+  `predict_action` is jitted once per policy (it compiles once per observation shapes and
+  dtypes); `compute_loss` is meant to be traced inside the caller's jitted train step.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, shape_meta: ShapeMeta,
+               normalizer: Normalizer):
+    model, diffusion, task = config.model, config.diffusion, config.task
+    self.shape_meta = shape_meta
+    self.normalizer = normalizer
+    normalizer.check_covers(shape_meta, 'DiffusionPolicy normaliser')
+    self.horizon = int(task.horizon)
+    self.n_obs_steps = int(task.n_obs_steps)
+    self.n_action_steps = int(task.n_action_steps)
+    self.action_dim = shape_meta.action_dim
+    self.obs_as_cond = bool(model.obs_as_cond)
+    self.pred_action_steps_only = bool(model.pred_action_steps_only)
+    self._check_config(model, diffusion)
+
+    self.obs_feature_dim = output_dim(shape_meta, int(model.image_feature_dim))
+    dtype = jnp.dtype(model.compute_dtype)
+    trajectory_dim = self.action_dim + (0 if self.obs_as_cond else self.obs_feature_dim)
+    self.network = PolicyNetwork(
+        obs_encoder=ObservationEncoder(
+            shape_meta=shape_meta,
+            crop_shape=None if model.crop_shape is None else tuple(model.crop_shape),
+            resnet_width=int(model.resnet_width),
+            num_keypoints=int(model.num_keypoints),
+            feature_dim=int(model.image_feature_dim),
+            group_norm=bool(model.obs_encoder_group_norm),
+            dtype=dtype),
+        noise_model=TransformerForDiffusion(
+            input_dim=trajectory_dim,
+            output_dim=trajectory_dim,
+            horizon=self.horizon,
+            n_obs_steps=self.n_obs_steps,
+            cond_dim=self.obs_feature_dim if self.obs_as_cond else 0,
+            n_layer=int(model.n_layer),
+            n_head=int(model.n_head),
+            n_emb=int(model.n_emb),
+            p_drop_emb=float(model.p_drop_emb),
+            p_drop_attn=float(model.p_drop_attn),
+            causal_attn=bool(model.causal_attn),
+            time_as_cond=bool(model.time_as_cond),
+            obs_as_cond=self.obs_as_cond,
+            n_cond_layers=int(model.n_cond_layers),
+            dtype=dtype))
+
+    self.schedule = make_noise_schedule(diffusion.beta_schedule,
+                                        int(diffusion.num_train_timesteps),
+                                        float(diffusion.beta_start), float(diffusion.beta_end))
+    self.prediction_type = diffusion.prediction_type
+    self.sampler = diffusion.sampler
+    self.num_inference_steps = int(diffusion.num_inference_steps or
+                                   diffusion.num_train_timesteps)
+    self.step_kwargs = dict(clip_sample=bool(diffusion.clip_sample),
+                            prediction_type=diffusion.prediction_type)
+    if self.sampler == 'ddpm':
+      self.step_kwargs['variance_type'] = diffusion.variance_type
+    else:
+      self.step_kwargs['eta'] = float(diffusion.ddim_eta)
+    # Fails now, not at the first call, on a bad sampler or step count.
+    sampling.inference_timesteps(self.sampler, self.schedule.num_train_timesteps,
+                                 self.num_inference_steps)
+    self._predict_action_jit = jax.jit(self._predict_action)
+
+  def _check_config(self, model, diffusion) -> None:
+    if model.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f'config.model.compute_dtype: {model.compute_dtype!r} is not one of '
+                       f'{COMPUTE_DTYPES}')
+    ddpm.check_prediction_type(diffusion.prediction_type)
+    if diffusion.sampler == 'ddpm' and diffusion.variance_type not in ddpm.VARIANCE_TYPES:
+      raise ValueError(f'config.diffusion.variance_type: {diffusion.variance_type!r} is not one '
+                       f'of {ddpm.VARIANCE_TYPES}')
+    if not 1 <= self.n_obs_steps <= self.horizon:
+      raise ValueError(f'config.task: n_obs_steps {self.n_obs_steps} must be in [1, horizon '
+                       f'{self.horizon}]')
+    if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+      raise ValueError(
+          f'config.task: the executed actions [n_obs_steps − 1, n_obs_steps − 1 + '
+          f'n_action_steps) = [{self.n_obs_steps - 1}, '
+          f'{self.n_obs_steps - 1 + self.n_action_steps}) must fit in horizon {self.horizon}')
+    if self.pred_action_steps_only and not self.obs_as_cond:
+      raise ValueError('config.model: pred_action_steps_only=True needs obs_as_cond=True (the '
+                       'inpainting mode conditions on the first n_obs_steps of the full horizon)')
+
+  @property
+  def trajectory_shape(self) -> tuple[int, int]:
+    """(T', D) of one sampled trajectory: T' = n_action_steps or horizon, D = Da (+ D_obs)."""
+    length = self.n_action_steps if self.pred_action_steps_only else self.horizon
+    return length, self.network.noise_model.input_dim
+
+  def init(self, rng: jax.Array) -> dict:
+    """Fresh variables `{'params': {'obs_encoder': ..., 'noise_model': ...}}`."""
+    to, (length, dim) = self.n_obs_steps, self.trajectory_shape
+    obs = {s.key: jnp.zeros((to,) + s.shape, jnp.float32) for s in self.shape_meta.obs}
+    cond = jnp.zeros((1, to, self.obs_feature_dim)) if self.obs_as_cond else None
+    init = jax.jit(lambda key: self.network.init(
+        {'params': key}, obs, jnp.zeros((1, length, dim)), jnp.zeros((1,), jnp.int32),
+        cond)['params'])
+    # Runs once: XLA's optimisations would only slow down compiling the ~100 random
+    # initialisers (threefry kernels), which dominates the time of `init` on a CPU.
+    compiled = init.lower(rng).compile({'xla_backend_optimization_level': 0})
+    return {'params': compiled(rng)}
+
+  def _encode_obs(self, variables, obs: Mapping[str, jax.Array], train: bool,
+                  rng: Optional[jax.Array]) -> jax.Array:
+    """Raw {key: (B, ≥To, ...)} → normalised, first To frames encoded → (B, To, D_obs)."""
+    to = self.n_obs_steps
+    batch_size = None
+    flat = {}
+    for spec in self.shape_meta.obs:
+      if spec.key not in obs:
+        raise ValueError(f'DiffusionPolicy: observation {spec.key!r} is missing; got keys '
+                         f'{sorted(obs)}')
+      x = obs[spec.key]
+      if spec.kind == 'rgb':
+        expected, ok = f'(B, ≥{to}, H, W, 3)', x.ndim == 5 and x.shape[4] == 3
+      else:
+        expected, ok = f'(B, ≥{to}, {spec.shape[0]})', x.shape[2:] == spec.shape
+      if not ok or x.shape[1] < to or (batch_size is not None and x.shape[0] != batch_size):
+        raise ValueError(f'DiffusionPolicy: obs[{spec.key!r}] has shape {x.shape}; expected '
+                         f'{expected} with one B for all keys')
+      batch_size = x.shape[0]
+      x = self.normalizer.normalize(spec.key, x[:, :to])
+      flat[spec.key] = x.reshape((batch_size * to,) + x.shape[2:])
+    rngs = {'crop': rng} if rng is not None else {}
+    features = self.network.apply(variables, flat, train, rngs=rngs,
+                                  method=PolicyNetwork.encode)
+    return features.reshape(batch_size, to, -1)
+
+  def _inpainting(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(condition_data (B, T, Da + D_obs), condition_mask (T, Da + D_obs)) for the features."""
+    batch_size, to, _ = features.shape
+    data = jnp.zeros((batch_size,) + self.trajectory_shape, jnp.float32)
+    data = data.at[:, :to, self.action_dim:].set(features.astype(jnp.float32))
+    mask = np.zeros(self.trajectory_shape, bool)
+    mask[:to, self.action_dim:] = True
+    return data, jnp.asarray(mask)
+
+  def compute_loss(self, variables, batch: Mapping[str, Any], rng: jax.Array,
+                   train: bool = True) -> tuple[jax.Array, dict]:
+    """Diffusion training loss on a raw batch.
+
+    Args:
+      variables: policy variables.
+      batch: {'obs': {key: (B, ≥To, ...)} raw (uint8 images), 'action': (B, T, Da) raw}.
+      rng: key for crops, dropout, noise and timesteps.
+      train: random crops and dropout when True.
+
+    Returns:
+      (scalar loss, {'loss': loss}).
+    """
+    crop_rng, dropout_rng, noise_rng, t_rng = jax.random.split(rng, 4)
+    action = batch[ACTION_KEY]
+    chex.assert_shape(action, (None, self.horizon, self.action_dim))
+    batch_size = action.shape[0]
+    nactions = self.normalizer.normalize(ACTION_KEY, action)
+    features = self._encode_obs(variables, batch['obs'], train, crop_rng if train else None)
+    chex.assert_axis_dimension(features, 0, batch_size)
+
+    cond = None
+    if self.obs_as_cond:
+      cond = features
+      trajectory = nactions
+      if self.pred_action_steps_only:
+        start = self.n_obs_steps - 1
+        trajectory = nactions[:, start:start + self.n_action_steps]
+      condition_mask = jnp.zeros(self.trajectory_shape, bool)
+      loss_mask = jnp.ones(self.trajectory_shape, jnp.float32)
+    else:
+      condition_data, condition_mask = self._inpainting(features)
+      trajectory = condition_data.at[:, :, :self.action_dim].set(nactions)
+      # Feature entries are either conditioned (steps < To) or unobserved (steps ≥ To).
+      loss_mask = jnp.zeros(self.trajectory_shape, jnp.float32).at[:, :self.action_dim].set(1.0)
+
+    noise = jax.random.normal(noise_rng, trajectory.shape, jnp.float32)
+    timesteps = jax.random.randint(t_rng, (batch_size,), 0, self.schedule.num_train_timesteps)
+    noisy = ddpm.add_noise(self.schedule, trajectory, noise, timesteps)
+    noisy = jnp.where(condition_mask, trajectory, noisy)
+    pred = self.network.apply(variables, noisy, timesteps, cond, train,
+                              rngs={'dropout': dropout_rng} if train else {},
+                              method=PolicyNetwork.denoise)
+    target = noise if self.prediction_type == 'epsilon' else trajectory
+    # As the reference: masked squared error averaged over every entry.
+    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target) * loss_mask)
+    return loss, {'loss': loss}
+
+  def predict_action(self, variables, obs: Mapping[str, jax.Array],
+                     rng: jax.Array) -> dict[str, jax.Array]:
+    """Samples actions for a batch of observation histories: one jitted program.
+
+    Encodes the observations once, then runs the whole reverse process as one `lax.scan`.
+
+    Args:
+      variables: policy variables (the EMA parameters at evaluation).
+      obs: raw {key: (B, ≥To, ...)}: uint8 images of any size ≥ crop_shape (centre-cropped),
+        low-dim floats; extra keys are ignored and only the first To frames are used.
+      rng: key of the reverse process.
+
+    Returns:
+      {'action': (B, n_action_steps, Da), 'action_pred': (B, T', Da)}, unnormalised float32;
+      T' = horizon (n_action_steps with pred_action_steps_only), and `action` is steps
+      [To − 1, To − 1 + n_action_steps) of `action_pred`.
+    """
+    obs = {spec.key: obs[spec.key] for spec in self.shape_meta.obs if spec.key in obs}
+    return self._predict_action_jit(variables, obs, rng)
+
+  def _predict_action(self, variables, obs: Mapping[str, jax.Array],
+                      rng: jax.Array) -> dict[str, jax.Array]:
+    features = self._encode_obs(variables, obs, train=False, rng=None)
+    batch_size = features.shape[0]
+    shape = (batch_size,) + self.trajectory_shape
+    cond, condition_data, condition_mask = None, None, None
+    if self.obs_as_cond:
+      cond = features
+    else:
+      condition_data, condition_mask = self._inpainting(features)
+      condition_mask = jnp.broadcast_to(condition_mask, shape)
+
+    def denoise(x, t):
+      timesteps = jnp.broadcast_to(t, (batch_size,))
+      return self.network.apply(variables, x, timesteps, cond, False,
+                                method=PolicyNetwork.denoise)
+
+    nsample = sampling.sample(denoise, self.schedule, shape=shape, rng=rng,
+                              sampler=self.sampler, num_inference_steps=self.num_inference_steps,
+                              condition_data=condition_data, condition_mask=condition_mask,
+                              **self.step_kwargs)
+    action_pred = self.normalizer.unnormalize(ACTION_KEY, nsample[..., :self.action_dim])
+    if self.pred_action_steps_only:
+      action = action_pred
+    else:
+      start = self.n_obs_steps - 1
+      action = action_pred[:, start:start + self.n_action_steps]
+    return {'action': action, 'action_pred': action_pred}

@@ -1,0 +1,114 @@
+"""ResNet-18 convolutional trunk with GroupNorm (robomimic `ResNet18Conv`, SPEC §4), NHWC.
+
+torchvision's resnet18 without avgpool and fc, every BatchNorm replaced by GroupNorm with
+C/16 groups (eps 1e-5), as the reference policy does with `obs_encoder_group_norm=True`.
+Input (N, H, W, C) → output (N, ceil(H/32), ceil(W/32), 8·width); 76×76 → 3×3×512.
+
+Initialisation follows torchvision: conv kernels Kaiming-normal (fan_out, ReLU gain, no
+truncation), norm scale 1 and bias 0. Convolutions have no bias, as in torchvision.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GROUP_NORM_EPS = 1e-5
+CHANNELS_PER_GROUP = 16
+
+# torchvision: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu').
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def group_norm_groups(channels: int) -> int:
+  """The reference's `num_groups = num_features // 16`, at least 1 for narrow test widths."""
+  groups = max(1, channels // CHANNELS_PER_GROUP)
+  if channels % groups:
+    raise ValueError(
+        f'dpjax/models/resnet.py: {channels} channels cannot be split into {groups} GroupNorm '
+        f'groups (C/{CHANNELS_PER_GROUP}); choose a resnet_width that is a multiple of 16 '
+        'or at most 16')
+  return groups
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm over NHWC features; statistics in float32 whatever `dtype` is.
+
+  One pass (E[x], E[x²]) over an (N, H·W, G, C/G) view, then the normalisation is folded into
+  one per-(sample, channel) scale and shift, so XLA fuses it into a single elementwise op:
+  this is the difference between a Flax ResNet that keeps up with PyTorch on CPU and one that
+  does not.
+  """
+  num_groups: int
+  epsilon: float = GROUP_NORM_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    g = self.num_groups
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    grouped = xf.reshape(n, h * w, g, c // g)
+    mean = jnp.mean(grouped, axis=(1, 3))
+    mean_sq = jnp.mean(jnp.square(grouped), axis=(1, 3))
+    inv_std = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + self.epsilon)
+    # (N, G) statistics → (N, C) affine coefficients: y = x·a + b.
+    a = (inv_std[:, :, None] * scale.reshape(g, c // g)).reshape(n, 1, 1, c)
+    b = bias.reshape(1, 1, 1, c) - jnp.repeat(mean, c // g, axis=1).reshape(n, 1, 1, c) * a
+    return (xf * a + b).astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Conv:
+  """Bias-free conv with torch's padding (kernel // 2 on each side)."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 kernel_init=conv_kernel_init, name=name)
+
+
+class BasicBlock(nn.Module):
+  """torchvision BasicBlock: 3×3 conv–GN–ReLU–3×3 conv–GN, plus (projected) identity, ReLU."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    groups = group_norm_groups(self.features)
+    y = _conv(self.features, 3, self.strides, self.dtype, 'conv1')(x)
+    y = nn.relu(GroupNorm(groups, dtype=self.dtype, name='norm1')(y))
+    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = GroupNorm(groups, dtype=self.dtype, name='norm2')(y)
+    residual = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = _conv(self.features, 1, self.strides, self.dtype, 'downsample_conv')(x)
+      residual = GroupNorm(groups, dtype=self.dtype, name='downsample_norm')(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 trunk: (N, H, W, C) float → (N, ceil(H/32), ceil(W/32), 8·width).
+
+  width: channels of the first stage (64 in the reference); stages have width, 2w, 4w, 8w.
+  dtype: compute dtype (e.g. bfloat16); parameters and GroupNorm statistics stay float32.
+  """
+  width: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    if images.ndim != 4:
+      raise ValueError(f'ResNet18: expected images (N, H, W, C), got shape {images.shape}')
+    x = images.astype(self.dtype)
+    x = _conv(self.width, 7, 2, self.dtype, 'conv1')(x)
+    x = nn.relu(GroupNorm(group_norm_groups(self.width), dtype=self.dtype, name='norm1')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, multiplier in enumerate((1, 2, 4, 8)):
+      for block in range(2):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.width * multiplier, strides, dtype=self.dtype,
+                       name=f'layer{stage + 1}_{block}')(x)
+    return x

@@ -1,0 +1,285 @@
+"""TransformerForDiffusion: the reference's minGPT-style noise-prediction network (SPEC §5).
+
+Decoder mode (`time_as_cond=True`, the paper's): condition tokens [time, obs_1..obs_To] +
+cond_pos_emb → condition encoder (token-wise MLP, or pre-norm transformer encoder when
+n_cond_layers > 0) → memory; action tokens input_emb(sample) + pos_emb → n_layer pre-norm
+decoder layers (causal self-attention, cross-attention on memory with the memory mask, GELU
+FFN) → LayerNorm → Linear head.
+Encoder-only (BERT-like) mode (`time_as_cond=False`, no obs cond): the time token is prepended
+to the action tokens and a pre-norm encoder runs over the T + 1 tokens.
+
+Every layer mirrors its PyTorch counterpart (nn.TransformerDecoderLayer / EncoderLayer with
+norm_first=True, nn.MultiheadAttention with one fused in-projection, LayerNorm eps 1e-5,
+exact GELU, dropout p_drop_attn on attention weights, after each sub-block and inside the
+FFN), so parameter counts equal the reference's (8,996,103 for the Lift defaults).
+Init as the reference: Linear / attention weights N(0, 0.02), biases 0, LayerNorm 1 / 0,
+pos_emb N(0, 0.02), cond_pos_emb N(0, 0.02) when observations condition (zeros otherwise,
+as the reference leaves it).
+"""
+
+import math
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYER_NORM_EPS = 1e-5
+weight_init = nn.initializers.normal(stddev=0.02)
+
+
+def attention_masks(T: int, T_cond: int) -> tuple[np.ndarray, np.ndarray]:
+  """The reference's boolean attention masks (True = may attend).
+
+  Returns (self_mask (T, T): action token t sees tokens s ≤ t;
+           memory_mask (T, T_cond): action token t sees condition token s iff t ≥ s − 1,
+           since condition token 0 is time and token s ≥ 1 is observation step s − 1).
+  """
+  t = np.arange(T)[:, None]
+  self_mask = t >= np.arange(T)[None, :]
+  memory_mask = t >= np.arange(T_cond)[None, :] - 1
+  return self_mask, memory_mask
+
+
+def sinusoidal_time_embedding(timesteps: jax.Array, dim: int) -> jax.Array:
+  """(B,) → (B, dim) float32: [sin(t·f), cos(t·f)], f_i = exp(−i·ln(10000)/(dim/2 − 1))."""
+  half = dim // 2
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def mish(x: jax.Array) -> jax.Array:
+  return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, kernel_init=weight_init,
+                  bias_init=nn.initializers.zeros, name=name)
+
+
+def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
+
+
+class MultiheadAttention(nn.Module):
+  """torch.nn.MultiheadAttention (batch_first): fused in-projection (E, 3E) + out_proj.
+
+  `in_proj_kernel` is torch's `in_proj_weight` transposed; q uses its first E columns, k and v
+  the next two blocks. Logits and softmax run in float32; masked logits get the most negative
+  float, so masked weights (and their gradients) are exactly zero.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query: jax.Array, key_value: Optional[jax.Array],
+               mask: Optional[np.ndarray], train: bool) -> jax.Array:
+    """query (B, T, E); key_value (B, S, E) or None for self-attention; mask (T, S) bool."""
+    b, t, e = query.shape
+    h = self.num_heads
+    kernel = self.param('in_proj_kernel', weight_init, (e, 3 * e), jnp.float32)
+    bias = self.param('in_proj_bias', nn.initializers.zeros, (3 * e,), jnp.float32)
+    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+    query = query.astype(self.dtype)
+    if key_value is None:
+      q, k, v = jnp.split(query @ kernel + bias, 3, axis=-1)
+    else:
+      q = query @ kernel[:, :e] + bias[:e]
+      k, v = jnp.split(key_value.astype(self.dtype) @ kernel[:, e:] + bias[e:], 2, axis=-1)
+    s = k.shape[1]
+    q = q.reshape(b, t, h, e // h)
+    k = k.reshape(b, s, h, e // h)
+    v = v.reshape(b, s, h, e // h)
+    logits = jnp.einsum('bthd,bshd->bhts', q, k).astype(jnp.float32) / math.sqrt(e // h)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+    out = jnp.einsum('bhts,bshd->bthd', weights.astype(self.dtype), v).reshape(b, t, e)
+    return _dense(e, self.dtype, 'out_proj')(out)
+
+
+class FeedForward(nn.Module):
+  """linear2(dropout(gelu(linear1(x)))), exact (erf) GELU as torch's activation='gelu'."""
+  hidden_dim: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = _dense(self.hidden_dim, self.dtype, 'linear1')(x)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(
+        jax.nn.gelu(y, approximate=False))
+    return _dense(x.shape[-1], self.dtype, 'linear2')(y)
+
+
+class EncoderLayer(nn.Module):
+  """nn.TransformerEncoderLayer(norm_first=True, activation='gelu', dim_feedforward=4E)."""
+  num_heads: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[np.ndarray], train: bool) -> jax.Array:
+    e = x.shape[-1]
+    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = _layer_norm(self.dtype, 'norm1')(x)
+    x = x + drop(MultiheadAttention(self.num_heads, self.dropout_rate, self.dtype,
+                                    name='self_attn')(y, None, mask, train))
+    y = _layer_norm(self.dtype, 'norm2')(x)
+    return x + drop(FeedForward(4 * e, self.dropout_rate, self.dtype, name='ffn')(y, train))
+
+
+class DecoderLayer(nn.Module):
+  """nn.TransformerDecoderLayer(norm_first=True, activation='gelu', dim_feedforward=4E)."""
+  num_heads: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, memory: jax.Array, self_mask: Optional[np.ndarray],
+               memory_mask: Optional[np.ndarray], train: bool) -> jax.Array:
+    e = x.shape[-1]
+    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = _layer_norm(self.dtype, 'norm1')(x)
+    x = x + drop(MultiheadAttention(self.num_heads, self.dropout_rate, self.dtype,
+                                    name='self_attn')(y, None, self_mask, train))
+    y = _layer_norm(self.dtype, 'norm2')(x)
+    x = x + drop(MultiheadAttention(self.num_heads, self.dropout_rate, self.dtype,
+                                    name='multihead_attn')(y, memory, memory_mask, train))
+    y = _layer_norm(self.dtype, 'norm3')(x)
+    return x + drop(FeedForward(4 * e, self.dropout_rate, self.dtype, name='ffn')(y, train))
+
+
+class TransformerForDiffusion(nn.Module):
+  """Noise-prediction transformer: (sample (B, T, input_dim), timestep, cond) → (B, T, output_dim).
+
+  The fields are the reference constructor's. obs_as_cond=True needs cond_dim > 0 and cond
+  (B, n_obs_steps, cond_dim); obs_as_cond=False needs cond_dim = 0 and cond None (time is then
+  the only condition token). time_as_cond=False selects the encoder-only mode and requires
+  obs_as_cond=False, as in the reference. dtype is the compute dtype; parameters, softmax and
+  LayerNorm statistics stay float32 and the output is float32.
+  """
+  input_dim: int
+  output_dim: int
+  horizon: int
+  n_obs_steps: int
+  cond_dim: int
+  n_layer: int = 8
+  n_head: int = 4
+  n_emb: int = 256
+  p_drop_emb: float = 0.0
+  p_drop_attn: float = 0.3
+  causal_attn: bool = True
+  time_as_cond: bool = True
+  obs_as_cond: bool = True
+  n_cond_layers: int = 0
+  dtype: Any = jnp.float32
+
+  @property
+  def num_tokens(self) -> int:
+    """T of the reference: action tokens, plus the time token in encoder-only mode."""
+    return self.horizon + (0 if self.time_as_cond else 1)
+
+  @property
+  def num_cond_tokens(self) -> int:
+    """T_cond of the reference: time (decoder mode) plus n_obs_steps when obs condition."""
+    if not self.time_as_cond:
+      return 0
+    return 1 + (self.n_obs_steps if self.obs_as_cond else 0)
+
+  def _check_config(self):
+    where = 'TransformerForDiffusion'
+    if self.n_emb % 2 or self.n_emb < 4:
+      raise ValueError(f'{where}: n_emb must be even and ≥ 4 (sinusoidal time), got {self.n_emb}')
+    if self.n_emb % self.n_head:
+      raise ValueError(f'{where}: n_emb {self.n_emb} is not divisible by n_head {self.n_head}')
+    if self.obs_as_cond and (self.cond_dim <= 0 or self.n_obs_steps <= 0):
+      raise ValueError(f'{where}: obs_as_cond=True needs cond_dim > 0 and n_obs_steps > 0, got '
+                       f'cond_dim={self.cond_dim}, n_obs_steps={self.n_obs_steps}')
+    if not self.obs_as_cond and self.cond_dim != 0:
+      raise ValueError(f'{where}: obs_as_cond=False takes no cond, so cond_dim must be 0 '
+                       f'(got {self.cond_dim}); observations are inpainted into the sample')
+    if not self.time_as_cond and self.obs_as_cond:
+      raise ValueError(f'{where}: time_as_cond=False (encoder-only) cannot take observation '
+                       'tokens; set obs_as_cond=False, as the reference requires')
+
+  @nn.compact
+  def __call__(self, sample: jax.Array, timestep: Union[jax.Array, int, float],
+               cond: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+    """sample (B, t, input_dim) with t ≤ horizon; timestep scalar, (1,) or (B,);
+    cond (B, n_obs_steps, cond_dim) or None. Returns (B, t, output_dim) float32."""
+    self._check_config()
+    b, t = self._check_inputs(sample, cond)
+    timestep = jnp.asarray(timestep)
+    if timestep.ndim > 1 or timestep.size not in (1, b):
+      raise ValueError(f'TransformerForDiffusion: timestep must be a scalar, (1,) or ({b},), '
+                       f'got shape {timestep.shape}')
+    timesteps = jnp.broadcast_to(timestep.reshape(-1), (b,))
+    time_emb = sinusoidal_time_embedding(timesteps, self.n_emb)[:, None, :].astype(self.dtype)
+
+    drop = nn.Dropout(self.p_drop_emb, deterministic=not train)
+    input_emb = _dense(self.n_emb, self.dtype, 'input_emb')(sample.astype(self.dtype))
+    pos_emb = self.param('pos_emb', weight_init, (1, self.num_tokens, self.n_emb), jnp.float32)
+    self_mask, memory_mask = attention_masks(self.num_tokens, max(self.num_cond_tokens, 1))
+    if not self.causal_attn:
+      self_mask = memory_mask = None
+
+    if not self.time_as_cond:
+      x = jnp.concatenate([time_emb, input_emb], axis=1)
+      x = drop(x + pos_emb[:, :t + 1].astype(self.dtype))
+      mask = None if self_mask is None else self_mask[:t + 1, :t + 1]
+      for i in range(self.n_layer):
+        x = EncoderLayer(self.n_head, self.p_drop_attn, self.dtype, name=f'encoder_layers_{i}')(
+            x, mask, train)
+      x = x[:, 1:]
+    else:
+      cond_tokens = time_emb
+      if self.obs_as_cond:
+        cond_obs_emb = _dense(self.n_emb, self.dtype, 'cond_obs_emb')(cond.astype(self.dtype))
+        cond_tokens = jnp.concatenate([cond_tokens, cond_obs_emb], axis=1)
+      # The reference re-initialises cond_pos_emb only when cond_obs_emb exists.
+      cond_pos_init = weight_init if self.obs_as_cond else nn.initializers.zeros
+      cond_pos_emb = self.param('cond_pos_emb', cond_pos_init,
+                                (1, self.num_cond_tokens, self.n_emb), jnp.float32)
+      memory = drop(cond_tokens + cond_pos_emb.astype(self.dtype))
+      memory = self._condition_encoder(memory, train)
+
+      x = drop(input_emb + pos_emb[:, :t].astype(self.dtype))
+      tgt_mask = None if self_mask is None else self_mask[:t, :t]
+      # The memory mask only exists when observation tokens follow time (reference).
+      mem_mask = memory_mask[:t] if memory_mask is not None and self.obs_as_cond else None
+      for i in range(self.n_layer):
+        x = DecoderLayer(self.n_head, self.p_drop_attn, self.dtype, name=f'decoder_layers_{i}')(
+            x, memory, tgt_mask, mem_mask, train)
+
+    x = _layer_norm(self.dtype, 'ln_f')(x)
+    return _dense(self.output_dim, self.dtype, 'head')(x).astype(jnp.float32)
+
+  def _condition_encoder(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.n_cond_layers > 0:
+      for i in range(self.n_cond_layers):
+        x = EncoderLayer(self.n_head, self.p_drop_attn, self.dtype,
+                         name=f'cond_encoder_layers_{i}')(x, None, train)
+      return x
+    x = _dense(4 * self.n_emb, self.dtype, 'cond_encoder_fc1')(x)
+    return _dense(self.n_emb, self.dtype, 'cond_encoder_fc2')(mish(x))
+
+  def _check_inputs(self, sample: jax.Array, cond: Optional[jax.Array]) -> tuple[int, int]:
+    where = 'TransformerForDiffusion'
+    if sample.ndim != 3 or sample.shape[2] != self.input_dim or not (
+        1 <= sample.shape[1] <= self.horizon):
+      raise ValueError(f'{where}: sample must be (B, T ≤ {self.horizon}, {self.input_dim}), '
+                       f'got {sample.shape}')
+    b, t = sample.shape[:2]
+    if self.obs_as_cond:
+      expected = (b, self.n_obs_steps, self.cond_dim)
+      if cond is None or cond.shape != expected:
+        raise ValueError(f'{where}: cond must have shape {expected}, got '
+                         f'{None if cond is None else cond.shape}')
+    elif cond is not None:
+      raise ValueError(f'{where}: obs_as_cond=False takes cond=None, got shape {cond.shape}')
+    return b, t

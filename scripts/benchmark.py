@@ -1,0 +1,312 @@
+"""Speed and memory of every hot path: sampling, the training step, the input pipeline, the envs.
+
+    python scripts/benchmark.py                       # everything, full-size models
+    python scripts/benchmark.py --only predict,train  # a selection
+    python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
+
+Prints one JSON document and writes it to `--output` (default `benchmark.json`). Each time is
+the median of `--repeats` timed runs after a warm-up call; compilation is timed separately.
+FLOPs come from XLA's cost analysis of the compiled program; peak memory from XLA's memory
+analysis (and the device allocator where it reports one).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import lift  # pylint: disable=g-import-not-at-top
+from dpjax.data.normalizer import Normalizer
+from dpjax.data.shape_meta import ShapeMeta
+from dpjax.diffusion.policy import DiffusionPolicy
+
+FIGURES = ('predict', 'train', 'pipeline', 'env')
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+  """Median wall time of `fn()` (blocked until ready) over `repeats` runs, and all runs."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def _compiled_stats(compiled) -> dict[str, Any]:
+  """FLOPs and memory of one compiled program (None where the backend does not say)."""
+  out: dict[str, Any] = {'flops': None, 'temp_bytes': None, 'argument_bytes': None,
+                         'output_bytes': None}
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out['flops'] = float(cost.get('flops', 0.0)) or None
+  except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
+    pass
+  try:
+    memory = compiled.memory_analysis()
+    out['temp_bytes'] = int(memory.temp_size_in_bytes)
+    out['argument_bytes'] = int(memory.argument_size_in_bytes)
+    out['output_bytes'] = int(memory.output_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+def _timed_program(jitted, args: tuple, repeats: int) -> dict[str, Any]:
+  """Compile time, then the median run time, FLOPs and achieved FLOP/s of `jitted(*args)`."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))
+  median_s, times = _median_time(lambda: compiled(*args), repeats)
+  stats = _compiled_stats(compiled)
+  stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
+  return dict(stats, compile_s=compile_s, median_s=median_s, times_s=times)
+
+
+def _synthetic_normalizer(shape_meta: ShapeMeta) -> Normalizer:
+  """Stats of random data in the dataset's ranges: timing does not depend on their values."""
+  rng = np.random.default_rng(0)
+  arrays = {s.key: (rng.integers(0, 256, (4,) + s.shape, dtype=np.uint8) if s.kind == 'rgb'
+                    else rng.uniform(-1, 1, (4,) + s.shape).astype(np.float32))
+            for s in shape_meta.obs}
+  arrays['action'] = rng.uniform(-1, 1, (4, shape_meta.action_dim)).astype(np.float32)
+  return Normalizer.fit(arrays, shape_meta)
+
+
+def _synthetic_obs(shape_meta: ShapeMeta, batch: int, frames: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return {s.key: (rng.integers(0, 256, (batch, frames) + s.shape, dtype=np.uint8)
+                  if s.kind == 'rgb' else
+                  rng.uniform(-1, 1, (batch, frames) + s.shape).astype(np.float32))
+          for s in shape_meta.obs}
+
+
+def _synthetic_batch(config, shape_meta: ShapeMeta, batch: int, seed: int = 0):
+  """A training batch as the pipeline yields it: images already cropped."""
+  crop = tuple(config.data.crop_shape)
+  meta = ShapeMeta(obs=tuple(
+      s if s.kind != 'rgb' else type(s)(s.key, s.kind, crop + (3,)) for s in shape_meta.obs),
+                   action_dim=shape_meta.action_dim)
+  obs = _synthetic_obs(meta, batch, int(config.task.n_obs_steps), seed)
+  action = np.random.default_rng(seed).uniform(
+      -1, 1, (batch, int(config.task.horizon), shape_meta.action_dim)).astype(np.float32)
+  return {'obs': obs, 'action': action}
+
+
+def _variant(name: str, quick: bool) -> ml_collections.ConfigDict:
+  return lift.get_config('smoke' if quick else name)
+
+
+def bench_predict(args) -> dict[str, Any]:
+  """`predict_action` latency (encoders included) per batch size and sampler."""
+  config = _variant('default', args.quick)
+  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+  normalizer = _synthetic_normalizer(shape_meta)
+  samplers = (('ddpm', 4), ('ddim', 2)) if args.quick else (('ddpm', 100), ('ddim', 16))
+  batches = (1, 2) if args.quick else (1, 28)
+  results = {}
+  for sampler, steps in samplers:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.diffusion.sampler = sampler
+    cfg.diffusion.num_inference_steps = steps
+    policy = DiffusionPolicy(cfg, shape_meta, normalizer)
+    variables = policy.init(jax.random.key(0))
+    jitted = jax.jit(policy._predict_action)  # pylint: disable=protected-access
+    for batch in batches:
+      obs = jax.device_put(_synthetic_obs(shape_meta, batch, int(cfg.task.n_obs_steps)))
+      timing = _timed_program(jitted, (variables, obs, jax.random.key(1)), args.repeats)
+      results[f'{sampler}{steps}_batch{batch}'] = dict(
+          timing, sampler=sampler, num_inference_steps=steps, batch_size=batch)
+  return {'config': config.name, 'results': results}
+
+
+def bench_train(args) -> dict[str, Any]:
+  """One full training step (two encoders + transformer + AdamW + EMA) at batch 64."""
+  from dpjax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from dpjax.training import parallel
+  from dpjax.training.train_state import create_train_state
+
+  batch_size = 4 if args.quick else 64
+  device_counts = sorted({1, jax.device_count()})
+  variants = ('smoke',) if args.quick else ('default', 'cpu')
+  results = {}
+  for variant in variants:
+    config = lift.get_config(variant)
+    shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+    policy = DiffusionPolicy(config, shape_meta, _synthetic_normalizer(shape_meta))
+    tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=1000)
+    batch_np = _synthetic_batch(config, shape_meta, batch_size)
+
+    def loss_fn(params, batch, rng):
+      return policy.compute_loss({'params': params}, batch, rng, train=True)
+
+    for num_devices in device_counts:
+      if batch_size % num_devices:
+        continue
+      mesh = parallel.make_mesh(jax.devices()[:num_devices])
+      state = jax.jit(
+          lambda key: create_train_state(lambda k: policy.init(k)['params'], tx, key),
+          out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+      step = parallel.make_train_step(loss_fn, tx, mesh, ema_config=config.ema)
+      batch = parallel.shard_batch(batch_np, mesh)
+      start = time.perf_counter()
+      compiled = step.lower(state, batch).compile()
+      compile_s = time.perf_counter() - start
+      state, _ = compiled(state, batch)
+      times = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+      median_s = statistics.median(times)
+      stats = _compiled_stats(compiled)
+      stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
+      results[f'{variant}_devices{num_devices}'] = dict(
+          stats, compile_s=compile_s, median_s=median_s, times_s=times,
+          samples_per_s=batch_size / median_s, batch_size=batch_size, num_devices=num_devices)
+  return {'results': results}
+
+
+def _synthetic_store(shape_meta: ShapeMeta, num_episodes: int, length: int):
+  """An in-memory episode store of random data shaped like the Lift demos."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from dpjax.data.pipeline import EpisodeStore
+  rng = np.random.default_rng(0)
+  steps = num_episodes * length
+  obs = {s.key: tf.constant(rng.integers(0, 256, (steps,) + s.shape, dtype=np.uint8)
+                            if s.kind == 'rgb' else
+                            rng.uniform(-1, 1, (steps,) + s.shape).astype(np.float32))
+         for s in shape_meta.obs}
+  actions = tf.constant(rng.uniform(-1, 1, (steps, shape_meta.action_dim)).astype(np.float32))
+  lengths = np.full((num_episodes,), length, np.int64)
+  return EpisodeStore(names=tuple(f'demo_{i}' for i in range(num_episodes)), lengths=lengths,
+                      offsets=np.arange(num_episodes, dtype=np.int64) * length, obs=obs,
+                      actions=actions, shape_meta=shape_meta)
+
+
+def bench_pipeline(args) -> dict[str, Any]:
+  """Train-mode batches/s of the tf.data window pipeline (batch 64)."""
+  from dpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = lift.get_config('default')
+  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+  if args.dataset:
+    source, source_name = args.dataset, args.dataset
+  else:
+    episodes, length = (4, 20) if args.quick else (200, 60)
+    source = _synthetic_store(shape_meta, episodes, length)
+    source_name = f'synthetic: {episodes} episodes x {length} steps'
+  batch_size = 8 if args.quick else 64
+  num_batches = 5 if args.quick else 100
+  result = pipeline.measure_throughput(source, shape_meta, batch_size=batch_size,
+                                       num_batches=num_batches, warmup_batches=2,
+                                       repeats=args.repeats)
+  return dict(result, source=source_name)
+
+
+def bench_env(args) -> dict[str, Any]:
+  """Env steps/s of the vector env (cameras on, zero actions, workers in parallel)."""
+  from dpjax.evaluation import vector_env  # pylint: disable=g-import-not-at-top
+  num_envs = 1 if args.quick else vector_env.default_num_envs()
+  chunks = 2 if args.quick else 10
+  n_action_steps = 8
+  spec = vector_env.WrapperSpec(n_obs_steps=2, n_action_steps=n_action_steps, max_steps=400,
+                                terminate_on_success=False)
+  factory = vector_env.LiftEnvFactory(image_size=84)
+  zeros = np.zeros((n_action_steps, 7), np.float32)
+  start = time.perf_counter()
+  with vector_env.VectorEnv(factory, num_envs, spec) as envs:
+    startup_s = time.perf_counter() - start
+    envs.run({slot: ('reset', (slot, None, ())) for slot in range(num_envs)})
+    start = time.perf_counter()
+    for _ in range(chunks):
+      replies = envs.run({slot: ('step', zeros) for slot in range(num_envs)})
+      crashed = [r for r in replies.values() if isinstance(r, vector_env.WorkerCrash)]
+      if crashed:
+        raise RuntimeError(f'benchmark env worker crashed: {crashed[0].reason}')
+    elapsed = time.perf_counter() - start
+  steps = num_envs * chunks * n_action_steps
+  return {'num_envs': num_envs, 'env_steps': steps, 'env_steps_per_s': steps / elapsed,
+          'startup_s': startup_s}
+
+
+def system_info() -> dict[str, Any]:
+  device = jax.devices()[0]
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  info = {
+      'device_kind': device.device_kind, 'platform': device.platform,
+      'device_count': jax.device_count(), 'process_count': jax.process_count(),
+      'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+      'python': platform.python_version(), 'cpu_count': os.cpu_count(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'threads': {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS',
+                                                 'TF_NUM_INTRAOP_THREADS')},
+      'date': time.strftime('%Y-%m-%d'),
+  }
+  try:
+    info['xla_backend_version'] = jax.extend.backend.get_backend().platform_version
+  except Exception:  # pylint: disable=broad-except
+    info['xla_backend_version'] = None
+  return info
+
+
+def peak_memory() -> dict[str, Any]:
+  out = {'host_max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  stats = jax.devices()[0].memory_stats() or {}
+  out['device_peak_bytes_in_use'] = stats.get('peak_bytes_in_use')
+  return out
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--only', default=','.join(FIGURES),
+                      help=f'comma-separated subset of {FIGURES}')
+  parser.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run')
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timed repetitions per figure (default 5, quick 2)')
+  parser.add_argument('--dataset', default=None,
+                      help='prepared TFDS dataset dir for the pipeline figure (default: '
+                      'synthetic in-memory episodes)')
+  parser.add_argument('--output', default='benchmark.json')
+  args = parser.parse_args(argv)
+  args.repeats = args.repeats or (2 if args.quick else 5)
+  selected = [f.strip() for f in args.only.split(',') if f.strip()]
+  unknown = sorted(set(selected) - set(FIGURES))
+  if unknown:
+    parser.error(f'--only: unknown figure(s) {unknown}; choose from {FIGURES}')
+
+  benches = {'predict': bench_predict, 'train': bench_train, 'pipeline': bench_pipeline,
+             'env': bench_env}
+  report: dict[str, Any] = {'system': system_info(), 'quick': args.quick,
+                            'repeats': args.repeats}
+  for name in selected:
+    print(f'benchmark: {name} ...', file=sys.stderr, flush=True)
+    report[name] = benches[name](args)
+  report['memory'] = peak_memory()
+  text = json.dumps(report, indent=2)
+  print(text)
+  directory = os.path.dirname(os.path.abspath(args.output))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
+    f.write(text)
+  os.replace(f.name, args.output)
+  return report
+
+
+if __name__ == '__main__':
+  main()

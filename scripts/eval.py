@@ -1,0 +1,119 @@
+"""Evaluates a trained policy (or the scripted expert) in robosuite Lift; writes eval.json + videos.
+
+  python scripts/eval.py --workdir runs/my_run              # latest checkpoint of a run
+  python scripts/eval.py --checkpoint runs/my_run/policy    # an exported policy, or a step dir
+  python scripts/eval.py --policy expert --num_episodes 50  # the scripted expert, same runner
+
+Writes <output_dir>/eval.json (per-episode results, aggregates with 95 % Wilson intervals,
+timing, checkpoint step, config name), <output_dir>/videos/*.mp4 for the first
+--video_episodes test episodes, and prints a one-screen summary.
+"""
+
+import argparse
+import os
+import sys
+
+# Runnable as a plain script from a checkout: the package lives one directory up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from dpjax.envs.rendering import configure_headless_rendering
+
+# Before JAX starts its threads: choosing the GL backend may probe it in a child process, and
+# the env workers inherit the choice.
+configure_headless_rendering()
+
+import jax
+
+from configs import lift
+from dpjax.evaluation import runner
+from dpjax.training import checkpointing
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def checkpoint_step(path: str) -> int | None:
+  """The training step a `load_policy` path stands for; None for an export (no step)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINTS_DIR)):
+    path = os.path.join(path, checkpointing.CHECKPOINTS_DIR)
+  if os.path.basename(path).isdigit():
+    return int(os.path.basename(path))
+  if os.path.isdir(path):
+    steps = [int(n) for n in os.listdir(path)
+             if n.isdigit() and os.path.isdir(os.path.join(path, n))]
+    if steps:
+      return max(steps)
+  return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  source = parser.add_mutually_exclusive_group()
+  source.add_argument('--workdir', help='training run directory: its latest checkpoint')
+  source.add_argument('--checkpoint',
+                      help='exported policy dir, checkpoints dir or one checkpoint step dir')
+  parser.add_argument('--policy', choices=('diffusion', 'expert'), default='diffusion',
+                      help='"expert": the scripted expert through the same runner')
+  parser.add_argument('--config_variant', default='default',
+                      help=f'configs/lift.py variant for --policy expert {lift.VARIANTS}')
+  parser.add_argument('--num_episodes', type=int, help='test episodes (default: config)')
+  parser.add_argument('--num_train_episodes', type=int,
+                      help='episodes from the first demos\' initial states (default: config)')
+  parser.add_argument('--dataset_path', help='robomimic hdf5 for --num_train_episodes')
+  parser.add_argument('--num_envs', type=int, help='parallel envs; 0 = one per core')
+  parser.add_argument('--seed_start', type=int, help='seed of the first test episode')
+  parser.add_argument('--video_episodes', type=int, help='test episodes to record (default: '
+                      'config); 0 for none')
+  parser.add_argument('--sampler', choices=('ddpm', 'ddim'), help='default: the checkpoint\'s')
+  parser.add_argument('--num_inference_steps', type=int, help='default: the checkpoint\'s')
+  parser.add_argument('--output_dir', help='default: <workdir or checkpoint>/eval, or '
+                      'runs/eval_expert for the expert')
+  parser.add_argument('--no_cameras', action='store_true',
+                      help='expert only: skip rendering (it reads privileged state); no videos')
+  parser.add_argument('--seed', type=int, default=0, help='sampling noise / expert style seed')
+  parser.add_argument('--no_progress', action='store_true', help='hide the progress bar')
+  args = parser.parse_args(argv)
+  if args.policy == 'diffusion' and not (args.workdir or args.checkpoint):
+    parser.error('give --workdir or --checkpoint (or --policy expert)')
+  if args.policy == 'expert' and (args.workdir or args.checkpoint or args.sampler or
+                                  args.num_inference_steps):
+    parser.error('--policy expert takes no --workdir/--checkpoint/--sampler/'
+                 '--num_inference_steps')
+  if args.no_cameras and args.policy != 'expert':
+    parser.error('--no_cameras is for --policy expert only (the policy sees the cameras)')
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  common = dict(num_episodes=args.num_episodes, num_envs=args.num_envs,
+                seed_start=args.seed_start, num_train_episodes=args.num_train_episodes,
+                dataset_path=args.dataset_path, video_episodes=args.video_episodes,
+                progress=not args.no_progress)
+  if args.policy == 'expert':
+    output_dir = args.output_dir or os.path.join('runs', 'eval_expert')
+    config = lift.get_config(args.config_variant)
+    step = None
+    result = runner.evaluate_expert(
+        config, seed=args.seed, use_cameras=not args.no_cameras,
+        video_dir=None if args.no_cameras else os.path.join(output_dir, 'videos'), **common)
+  else:
+    source = args.workdir or args.checkpoint
+    output_dir = args.output_dir or os.path.join(source, 'eval')
+    config, policy, variables = checkpointing.load_policy(source)
+    step = checkpoint_step(source)
+    result = runner.evaluate_policy(
+        policy, variables, config, rng=jax.random.key(args.seed), sampler=args.sampler,
+        num_inference_steps=args.num_inference_steps,
+        video_dir=os.path.join(output_dir, 'videos'), **common)
+  result['source'] = None if args.policy == 'expert' else os.path.abspath(source)
+  path = runner.write_eval_json(os.path.join(output_dir, 'eval.json'), result,
+                                checkpoint_step=step, config_name=config.name)
+  print(runner.format_summary(result))
+  print(f'  wrote {path}')
+  return result
+
+
+if __name__ == '__main__':
+  main()

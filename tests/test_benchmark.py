@@ -1,0 +1,38 @@
+"""`scripts/benchmark.py --quick` runs end to end and reports every figure (no time is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_benchmark_reports_every_field(tmp_path):
+  output = tmp_path / 'bench.json'
+  env = dict(os.environ, MUJOCO_GL=os.environ.get('MUJOCO_GL', 'egl'))
+  subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick',
+                  '--output', str(output)], check=True, cwd=tmp_path, env=env, timeout=900)
+  report = json.loads(output.read_text())
+
+  assert report['quick'] is True
+  for key in ('device_kind', 'platform', 'device_count', 'jax', 'jaxlib', 'cpu_count', 'threads'):
+    assert key in report['system'], key
+
+  predict = report['predict']['results']
+  assert {r['sampler'] for r in predict.values()} == {'ddpm', 'ddim'}
+  assert {r['batch_size'] for r in predict.values()} == {1, 2}
+  for name, result in predict.items():
+    assert result['median_s'] > 0 and result['compile_s'] > 0, name
+    assert result['flops'] > 0 and result['flops_per_s'] > 0, name
+    assert result['temp_bytes'] is not None, name
+
+  train = report['train']['results']
+  assert train, 'no training-step figure'
+  for name, result in train.items():
+    assert result['median_s'] > 0 and result['samples_per_s'] > 0, name
+    assert result['flops'] > 0, name
+
+  assert report['pipeline']['batches_per_s'] > 0
+  assert report['env']['env_steps_per_s'] > 0 and report['env']['env_steps'] > 0
+  assert report['memory']['host_max_rss_bytes'] > 0
