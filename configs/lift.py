@@ -11,7 +11,8 @@ Variants (`--config configs/lift.py:VARIANT`):
 * ``cpu`` — sized to train on a 2-core laptop CPU in under an hour (see the departures listed
   in ``_cpu``).
     python launch.py --config configs/lift.py:cpu
-* ``smoke`` — seconds; a tiny network on 3 short demos, used by the tests.
+* ``smoke`` — about a minute on 2 cores, most of it demo generation and compilation: a tiny
+  network on 3 short demos, 2 epochs of 2 steps; used by the tests.
     python launch.py --config configs/lift.py:smoke --workdir /tmp/smoke
 
 `obs_encoder_group_norm`: the user's file says False but also says BatchNorm must be replaced by
@@ -130,6 +131,10 @@ def get_config(arg=None):
   config.training.sample_every = 5
   config.training.rollout_every = 10
   config.training.checkpoint_every = 10
+  # Extra mid-epoch checkpoints every this many steps (0: off), for preemptible machines;
+  # a resume continues inside the epoch.
+  config.training.checkpoint_every_steps = 0
+  # Per-epoch caps on train / validation batches (the reference's debug caps); None: no cap.
   config.training.max_train_steps = config_dict.placeholder(int)
   config.training.max_val_steps = config_dict.placeholder(int)
   config.training.resume = True
@@ -176,9 +181,9 @@ def _cpu(config):
 
 
 def _smoke(config):
-  """A few seconds end to end: tiny networks, three short demos, two training steps."""
+  """Tiny networks, three short demos, 2 epochs of 2 steps (max_train_steps caps each epoch)."""
   config.data.num_demos = 3
-  config.data.num_gen_workers = 1
+  config.data.num_gen_workers = 2  # Spawned workers (in-process generation crashes beside TF).
   config.data.batch_size = 4
   config.data.shuffle_buffer = 64
   config.model.resnet_width = 8

@@ -159,9 +159,9 @@ def bench_train(args) -> dict[str, Any]:
       if batch_size % num_devices:
         continue
       mesh = parallel.make_mesh(jax.devices()[:num_devices])
-      state = jax.jit(
-          lambda key: create_train_state(lambda k: policy.init(k)['params'], tx, key),
-          out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+      params = policy.init(jax.random.key(0))['params']
+      state = jax.jit(lambda p, key: create_train_state(p, tx, key),
+                      out_shardings=parallel.replicated(mesh))(params, jax.random.key(1))
       step = parallel.make_train_step(loss_fn, tx, mesh, ema_config=config.ema)
       batch = parallel.shard_batch(batch_np, mesh)
       start = time.perf_counter()
@@ -297,6 +297,7 @@ def main(argv=None) -> dict[str, Any]:
   for name in selected:
     print(f'benchmark: {name} ...', file=sys.stderr, flush=True)
     report[name] = benches[name](args)
+    print(f'benchmark: {name}: {json.dumps(report[name])}', file=sys.stderr, flush=True)
   report['memory'] = peak_memory()
   text = json.dumps(report, indent=2)
   print(text)

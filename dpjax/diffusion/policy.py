@@ -35,6 +35,7 @@ from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion import ddpm, sampling
 from dpjax.diffusion.schedules import make_noise_schedule
 from dpjax.models.obs_encoder import ObservationEncoder, output_dim
+from dpjax.models import transformer
 from dpjax.models.transformer import TransformerForDiffusion
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -281,10 +282,25 @@ class DiffusionPolicy:
       condition_data, condition_mask = self._inpainting(features)
       condition_mask = jnp.broadcast_to(condition_mask, shape)
 
-    def denoise(x, t):
-      timesteps = jnp.broadcast_to(t, (batch_size,))
-      return self.network.apply(variables, x, timesteps, cond, False,
-                                method=PolicyNetwork.denoise)
+    noise_model = self.network.noise_model
+    if transformer.supports_decoding_cache(noise_model):
+      # Condition memory, its cross-attention keys/values and the time embeddings are the same
+      # at every step: computed once here, the loop body is only the decoder stack.
+      timesteps, _ = sampling.inference_timesteps(
+          self.sampler, self.schedule.num_train_timesteps, self.num_inference_steps)
+      params = variables['params']['noise_model']
+      cache = transformer.decoding_cache(noise_model, params, timesteps, cond)
+      step_of = np.zeros(self.schedule.num_train_timesteps, np.int32)
+      step_of[timesteps] = np.arange(len(timesteps))
+
+      def denoise(x, t):
+        return transformer.cached_denoise(noise_model, params, cache, x, jnp.asarray(step_of)[t])
+    else:
+
+      def denoise(x, t):
+        timesteps = jnp.broadcast_to(t, (batch_size,))
+        return self.network.apply(variables, x, timesteps, cond, False,
+                                  method=PolicyNetwork.denoise)
 
     nsample = sampling.sample(denoise, self.schedule, shape=shape, rng=rng,
                               sampler=self.sampler, num_inference_steps=self.num_inference_steps,

@@ -73,11 +73,10 @@ def sample(denoise_fn: DenoiseFn,
   deterministic = sampler == 'ddim' and step_kwargs.get('eta', 0.0) == 0.0
 
   def body(x, step_inputs):
-    t, prev_t, key = step_inputs
+    t, prev_t, noise = step_inputs
     x = inpaint(x)
     model_output = denoise_fn(x, t)
     chex.assert_shape(model_output, shape)
-    noise = None if deterministic else jax.random.normal(key, shape, dtype)
     if sampler == 'ddpm':
       x = ddpm.ddpm_step(schedule, model_output, t, x, noise, prev_t=prev_t, **step_kwargs)
     else:
@@ -86,6 +85,9 @@ def sample(denoise_fn: DenoiseFn,
 
   init_key, steps_key = jax.random.split(rng)
   x = jax.random.normal(init_key, shape, dtype)
-  step_keys = jax.random.split(steps_key, len(timesteps))
-  x, _ = jax.lax.scan(body, x, (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), step_keys))
+  # All steps' noise at once, before the loop: the same draws, but the random-bit generator
+  # (itself a loop) no longer runs inside every step.
+  noises = None if deterministic else jax.vmap(lambda key: jax.random.normal(key, shape, dtype))(
+      jax.random.split(steps_key, len(timesteps)))
+  x, _ = jax.lax.scan(body, x, (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), noises))
   return inpaint(x)

@@ -18,8 +18,9 @@ as the reference leaves it).
 """
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,17 +90,27 @@ class MultiheadAttention(nn.Module):
     else:
       q = query @ kernel[:, :e] + bias[:e]
       k, v = jnp.split(key_value.astype(self.dtype) @ kernel[:, e:] + bias[e:], 2, axis=-1)
-    s = k.shape[1]
-    q = q.reshape(b, t, h, e // h)
-    k = k.reshape(b, s, h, e // h)
-    v = v.reshape(b, s, h, e // h)
-    logits = jnp.einsum('bthd,bshd->bhts', q, k).astype(jnp.float32) / math.sqrt(e // h)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
-    out = jnp.einsum('bhts,bshd->bthd', weights.astype(self.dtype), v).reshape(b, t, e)
+    dropout = nn.Dropout(self.dropout_rate, deterministic=False) if train else None
+    out = _attend(q, k, v, h, mask, self.dtype, dropout)
     return _dense(e, self.dtype, 'out_proj')(out)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+            mask: Optional[np.ndarray], dtype: Any,
+            dropout: Optional[nn.Dropout] = None) -> jax.Array:
+  """Scaled dot-product attention of projected q (B, T, E), k and v (B, S, E) → (B, T, E)."""
+  b, t, e = q.shape
+  s = k.shape[1]
+  q = q.reshape(b, t, num_heads, e // num_heads)
+  k = k.reshape(b, s, num_heads, e // num_heads)
+  v = v.reshape(b, s, num_heads, e // num_heads)
+  logits = jnp.einsum('bthd,bshd->bhts', q, k).astype(jnp.float32) / math.sqrt(e // num_heads)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if dropout is not None:
+    weights = dropout(weights)
+  return jnp.einsum('bhts,bshd->bthd', weights.astype(dtype), v).reshape(b, t, e)
 
 
 class FeedForward(nn.Module):
@@ -283,3 +294,108 @@ class TransformerForDiffusion(nn.Module):
     elif cond is not None:
       raise ValueError(f'{where}: obs_as_cond=False takes cond=None, got shape {cond.shape}')
     return b, t
+
+
+class DecodingCache(NamedTuple):
+  """What stays constant across the denoising steps of one sampling call (decoder mode).
+
+  With the token-wise condition encoder (n_cond_layers = 0) a memory row depends only on its own
+  condition token, so the time token's row depends only on the timestep and the observation rows
+  not at all on it: their cross-attention keys and values are computed once per call.
+  """
+  time_kv: jax.Array  # (n_steps, n_layer, 2E): cross-attention [K | V] of the time row per step.
+  obs_kv: Optional[jax.Array]  # (n_layer, B, To, 2E) [K | V] of the observation rows, or None.
+  cross_q: tuple[tuple[jax.Array, jax.Array], ...]  # Per layer: query kernel (E, E), bias (E,).
+
+
+def supports_decoding_cache(model: TransformerForDiffusion) -> bool:
+  """Whether `decoding_cache` applies: decoder mode with the token-wise condition MLP."""
+  return model.time_as_cond and model.n_cond_layers == 0
+
+
+def _linear(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
+  """nn.Dense(dtype) applied with its parameters `p`."""
+  return x.astype(dtype) @ p['kernel'].astype(dtype) + p['bias'].astype(dtype)
+
+
+def _normalize(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
+  """nn.LayerNorm applied with its parameters `p`, variance in two passes (float32 statistics)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  centred = x32 - mean
+  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + LAYER_NORM_EPS)
+  return (centred * inv_std * p['scale'] + p['bias']).astype(dtype)
+
+
+def decoding_cache(model: TransformerForDiffusion, params: Mapping[str, Any],
+                   timesteps: jax.Array, cond: Optional[jax.Array]) -> DecodingCache:
+  """Precomputes the step-invariant part of `model` (eval mode) for `cached_denoise`.
+
+  Args:
+    model: a TransformerForDiffusion with `supports_decoding_cache(model)`.
+    params: its parameters (`variables['params']` of the module).
+    timesteps: (n_steps,) the timesteps the sampler will visit, in order.
+    cond: (B, n_obs_steps, cond_dim) when model.obs_as_cond, else None.
+  """
+  if not supports_decoding_cache(model):
+    raise ValueError('decoding_cache: needs time_as_cond=True and n_cond_layers=0, got '
+                     f'time_as_cond={model.time_as_cond}, n_cond_layers={model.n_cond_layers}')
+  e, dtype = model.n_emb, model.dtype
+  cond_pos_emb = params['cond_pos_emb'][0].astype(dtype)
+
+  def memory(tokens):
+    hidden = mish(_linear(params['cond_encoder_fc1'], tokens, dtype))
+    return _linear(params['cond_encoder_fc2'], hidden, dtype)
+
+  def cross_kv(attn_params, rows):
+    kernel = attn_params['in_proj_kernel'][:, e:].astype(dtype)
+    return rows @ kernel + attn_params['in_proj_bias'][e:].astype(dtype)
+
+  layers = [params[f'decoder_layers_{i}']['multihead_attn'] for i in range(model.n_layer)]
+  time_tokens = sinusoidal_time_embedding(jnp.asarray(timesteps), e).astype(dtype)
+  time_memory = memory(time_tokens + cond_pos_emb[0])
+  time_kv = jnp.stack([cross_kv(p, time_memory) for p in layers], axis=1)
+  obs_kv = None
+  if model.obs_as_cond:
+    chex.assert_shape(cond, (None, model.n_obs_steps, model.cond_dim))
+    obs_memory = memory(_linear(params['cond_obs_emb'], cond, dtype) + cond_pos_emb[1:])
+    obs_kv = jnp.stack([cross_kv(p, obs_memory) for p in layers])
+  cross_q = tuple((p['in_proj_kernel'][:, :e].astype(dtype), p['in_proj_bias'][:e].astype(dtype))
+                  for p in layers)
+  return DecodingCache(time_kv=time_kv, obs_kv=obs_kv, cross_q=cross_q)
+
+
+def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
+                   cache: DecodingCache, sample: jax.Array, step: jax.Array) -> jax.Array:
+  """`model.apply({'params': params}, sample, timesteps[step], cond)` in eval mode, from `cache`.
+
+  sample (B, t, input_dim); step: int32 scalar index into the cache's timesteps.
+  Returns (B, t, output_dim) float32.
+  """
+  chex.assert_rank(sample, 3)
+  b, t = sample.shape[:2]
+  if cache.obs_kv is not None:
+    chex.assert_axis_dimension(cache.obs_kv, 1, b)
+  e, dtype, h = model.n_emb, model.dtype, model.n_head
+  self_mask, memory_mask = attention_masks(model.num_tokens, model.num_cond_tokens)
+  tgt_mask = self_mask[:t, :t] if model.causal_attn else None
+  mem_mask = memory_mask[:t] if model.causal_attn and model.obs_as_cond else None
+
+  x = _linear(params['input_emb'], sample, dtype) + params['pos_emb'][:, :t].astype(dtype)
+  time_kv = cache.time_kv[step]
+  for i in range(model.n_layer):
+    p = params[f'decoder_layers_{i}']
+    y = _normalize(p['norm1'], x, dtype)
+    x = x + MultiheadAttention(h, dtype=dtype).apply({'params': p['self_attn']}, y, None,
+                                                     tgt_mask, False)
+    y = _normalize(p['norm2'], x, dtype)
+    kv = jnp.broadcast_to(time_kv[i], (b, 1, 2 * e))
+    if cache.obs_kv is not None:
+      kv = jnp.concatenate([kv, cache.obs_kv[i]], axis=1)
+    q_kernel, q_bias = cache.cross_q[i]
+    out = _attend(y @ q_kernel + q_bias, kv[..., :e], kv[..., e:], h, mem_mask, dtype)
+    x = x + _linear(p['multihead_attn']['out_proj'], out, dtype)
+    y = _normalize(p['norm3'], x, dtype)
+    x = x + FeedForward(4 * e, 0.0, dtype).apply({'params': p['ffn']}, y, False)
+  x = _normalize(params['ln_f'], x, dtype)
+  return _linear(params['head'], x, dtype).astype(jnp.float32)

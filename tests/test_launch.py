@@ -1,0 +1,218 @@
+"""End to end through launch.py with the smoke config: train, checkpoint, restore, sample; resume
+after SIGKILL; two processes with jax.distributed; bad config values.
+
+One module-scoped run (A) starts from an empty data_dir, so it also generates the demos and
+builds the dataset; the other runs reuse that data_dir. All runs share a persistent XLA cache
+and compile without backend optimisations, which keeps the module to a few minutes on 2 cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import lift
+from dpjax.data import pipeline, prepare
+from dpjax.data.shape_meta import ShapeMeta
+from dpjax.training import checkpointing, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Three epochs of two batches, a checkpoint after every step (mid-epoch ones included).
+RUN_FLAGS = ['--config', 'configs/lift.py:smoke', '--config.training.num_epochs=3',
+             '--config.training.checkpoint_every_steps=1']
+FINAL_STEP = 6
+
+
+def _env(root) -> dict:
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
+              XLA_FLAGS='--xla_backend_optimization_level=0',
+              JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+def _launch(root, workdir, *extra, timeout=900):
+  return subprocess.run(
+      [sys.executable, 'launch.py', *RUN_FLAGS, f'--workdir={workdir}',
+       f'--config.data.data_dir={root / "data"}', *extra],
+      cwd=REPO, env=_env(root), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def run_a(tmp_path_factory):
+  root = tmp_path_factory.mktemp('launch')
+  # One short rollout after the last epoch ranks the final checkpoint.
+  proc = _launch(root, root / 'run_a', '--config.training.rollout_every=3',
+                 '--config.eval.num_episodes=1', '--config.eval.max_steps=16')
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return types.SimpleNamespace(root=root, workdir=root / 'run_a', stdout=proc.stdout,
+                               stderr=proc.stderr)
+
+
+def _smoke_config(root):
+  config = lift.get_config('smoke')
+  config.data.data_dir = str(root / 'data')
+  return config
+
+
+def _saved_state(step_dir) -> dict:
+  """A checkpoint's full train state as numpy arrays (no target structure needed)."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(step_dir / 'state').item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=metadata, restore_args=restore_args))
+
+
+def _flat(tree) -> dict:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_launch_trains_checkpoints_restores_and_samples(run_a):
+  workdir = run_a.workdir
+  assert 'Generating 3 Lift demos' in run_a.stdout + run_a.stderr  # Data built on first use.
+  assert json.loads((workdir / 'config.json').read_text())['training']['num_epochs'] == 3
+  records = metrics.read_metrics(workdir)
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
+  assert train_steps == list(range(1, FINAL_STEP + 1))
+  epochs = [r for r in records if 'epoch/val_loss' in r]
+  assert len(epochs) == 3
+  assert all(np.isfinite(r['epoch/val_loss']) and np.isfinite(r['epoch/train_action_mse'])
+             for r in epochs)
+  assert any(r.get('train/lr', 0) > 0 for r in records)
+  assert any(name.startswith('events.out.tfevents') for name in
+             os.listdir(workdir / 'tensorboard'))
+  rollouts = [r for r in records if 'rollout/test/success_rate' in r]
+  assert [r['step'] for r in rollouts] == [FINAL_STEP]
+  assert 0.0 <= rollouts[0]['rollout/test/success_rate'] <= 1.0
+  assert any(name.endswith('.mp4') for name in os.listdir(workdir / 'videos' / 'epoch_0002'))
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['step'] == FINAL_STEP and summary['checkpoint'].endswith(f'/{FINAL_STEP}')
+  assert summary['success_rate'] == rollouts[0]['rollout/test/success_rate']
+  step_metrics = json.loads((workdir / 'checkpoints' / str(FINAL_STEP) / 'metrics' /
+                             'metrics').read_text())
+  assert step_metrics == {'success_rate': summary['success_rate']}  # Ranked for the top-k.
+
+  # Restore: the exported policy equals the latest checkpoint's EMA parameters...
+  config, policy, variables = checkpointing.load_policy(workdir / 'policy')
+  _, _, from_checkpoint = checkpointing.load_policy(workdir)
+  exported, restored = _flat(variables), _flat(from_checkpoint)
+  assert exported.keys() == restored.keys()
+  for key in exported:
+    np.testing.assert_array_equal(exported[key], restored[key], err_msg=key)
+  state = _saved_state(workdir / 'checkpoints' / str(FINAL_STEP))
+  assert int(state['step']) == FINAL_STEP
+  for key, value in _flat({'params': state['ema_params']}).items():
+    np.testing.assert_array_equal(value, exported[key], err_msg=key)
+
+  # ...and samples actions for real validation observations.
+  prepared = prepare.prepare_dataset(_smoke_config(run_a.root), log=lambda _: None)
+  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+  kwargs = pipeline.pipeline_kwargs(config, 'val')
+  kwargs.update(process_index=0, process_count=1, repeat=False)
+  batch = next(pipeline.make_dataset(prepared.builder, shape_meta, **kwargs))
+  result = policy.predict_action(variables, batch['obs'], jax.random.PRNGKey(0))
+  batch_size = config.data.batch_size
+  assert result['action'].shape == (batch_size, 8, 7)
+  assert result['action_pred'].shape == (batch_size, 10, 7)
+  action = np.asarray(result['action'])
+  assert np.isfinite(action).all() and np.abs(action).max() <= 1.0 + 1e-5
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a):
+  root, workdir = run_a.root, run_a.root / 'run_b'
+  command = [sys.executable, 'launch.py', *RUN_FLAGS, f'--workdir={workdir}',
+             f'--config.data.data_dir={root / "data"}']
+  proc = subprocess.Popen(command, cwd=REPO, env=_env(root), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  checkpoints = workdir / 'checkpoints'
+  killed_after = None
+  try:
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+      finished = [int(n) for n in (os.listdir(checkpoints) if checkpoints.exists() else [])
+                  if n.isdigit()]
+      if finished:
+        killed_after = max(finished)
+        break
+      time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()[-5000:]
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert killed_after is not None and killed_after < FINAL_STEP
+  assert not (workdir / 'summary.json').exists()
+
+  resumed = _launch(root, workdir)
+  assert resumed.returncode == 0, resumed.stderr[-5000:]
+  assert 'Resumed from' in resumed.stderr
+  uninterrupted = _flat(_saved_state(run_a.workdir / 'checkpoints' / str(FINAL_STEP)))
+  after_resume = _flat(_saved_state(workdir / 'checkpoints' / str(FINAL_STEP)))
+  assert uninterrupted.keys() == after_resume.keys()
+  for key in uninterrupted:  # params, EMA, optimiser moments, step and RNG.
+    np.testing.assert_array_equal(after_resume[key], uninterrupted[key], err_msg=key)
+
+
+_TWO_PROCESS_DRIVER = textwrap.dedent('''
+    import sys
+    import jax, numpy as np
+    address, process_id, data_dir, workdir = sys.argv[1:5]
+    jax.distributed.initialize(coordinator_address=address, num_processes=2,
+                               process_id=int(process_id))
+    from configs import lift
+    from dpjax.training import trainer
+    config = lift.get_config('smoke')
+    config.data.data_dir = data_dir
+    config.training.val_every = config.training.sample_every = 0  # Training only.
+    state = trainer.train_and_evaluate(config, workdir)
+    host = jax.device_get(state)
+    np.savez(f'{workdir}/final_process{jax.process_index()}.npz', step=host.step,
+             *jax.tree.leaves((host.params, host.ema_params)))
+    print('DEVICES', jax.device_count(), jax.local_device_count(), flush=True)
+''')
+
+
+def test_two_processes_train_to_identical_parameters(run_a):
+  root, workdir = run_a.root, run_a.root / 'run_c'
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _TWO_PROCESS_DRIVER, f'localhost:{port}', str(i),
+       str(root / 'data'), str(workdir)],
+      cwd=REPO, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-5000:]
+    assert 'DEVICES 2 1' in out  # One global mesh over both processes' CPU devices.
+  first, second = (np.load(workdir / f'final_process{i}.npz') for i in range(2))
+  assert int(first['step']) == 4  # smoke: 2 epochs x 2 global batches.
+  assert first.files == second.files and len(first.files) > 10
+  for name in first.files:
+    np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+  assert json.loads((workdir / 'summary.json').read_text())['step'] == 4
+
+
+def test_bad_config_value_stops_launch_with_a_clear_message(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'launch.py', '--config', 'configs/lift.py:smoke',
+       f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "data"}',
+       '--config.task.horizon=4', '--config.diffusion.num_inference_steps=50'],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'task.horizon=4: must be >= n_obs_steps + n_action_steps - 1 = 9' in proc.stderr
+  assert ('diffusion.num_inference_steps=50: must be <= diffusion.num_train_timesteps=10'
+          in proc.stderr)
+  assert not (tmp_path / 'data').exists()  # Nothing was generated for a bad config.

@@ -1,0 +1,76 @@
+"""configs/lift.py variants and the start-of-run validation (config_checks)."""
+
+import pytest
+
+from configs import lift
+from dpjax.training.config_checks import ConfigError, check_config
+
+
+@pytest.mark.parametrize('variant', lift.VARIANTS)
+def test_every_variant_is_valid(variant):
+  check_config(lift.get_config(variant), num_devices=1, num_processes=1)
+
+
+def test_user_values_and_paper_schedule():
+  config = lift.get_config()
+  assert (config.task.horizon, config.task.n_obs_steps, config.task.n_action_steps) == (10, 2, 8)
+  assert config.data.batch_size == 64 and config.optimizer.lr == 1e-4
+  assert tuple(config.optimizer.betas) == (0.9, 0.95)
+  assert config.training.num_epochs == 100 and config.optimizer.lr_warmup_steps == 10
+  paper = lift.get_config('paper')
+  assert paper.training.num_epochs == 3050 and paper.optimizer.lr_warmup_steps == 1000
+  assert paper.training.rollout_every == 50 and paper.training.checkpoint_every == 50
+
+
+def test_shared_values_are_field_references():
+  config = lift.get_config('smoke')
+  config.task.horizon = 16
+  config.task.n_action_steps = 4
+  assert config.data.horizon == 16 and config.data.n_action_steps == 4
+  config.data.crop_shape = (64, 64)
+  assert tuple(config.model.crop_shape) == (64, 64)
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match=r"unknown variant 'fast'"):
+    lift.get_config('fast')
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('task.horizon', 8, r'task\.horizon=8: must be >= n_obs_steps \+ n_action_steps - 1 = 9'),
+    ('data.crop_shape', (90, 90), r"data\.crop_shape=\(90, 90\): larger than the images of "
+     r"'agentview_image' \(84x84\)"),
+    ('data.batch_size', 5, r'data\.batch_size=5: the global batch must divide by the 2 devices'),
+    ('diffusion.sampler', 'dpm', r"diffusion\.sampler='dpm': expected one of \('ddpm', 'ddim'\)"),
+    ('diffusion.beta_schedule', 'cosine', r"diffusion\.beta_schedule='cosine': expected one of"),
+    ('diffusion.num_inference_steps', 200,
+     r'diffusion\.num_inference_steps=200: must be <= diffusion\.num_train_timesteps=100'),
+    ('optimizer.lr_schedule', 'step', r"optimizer\.lr_schedule='step': expected one of"),
+    ('optimizer.lr', 0.0, r'optimizer\.lr=0\.0: expected a number in \(0\.0, inf\]'),
+    ('optimizer.betas', (0.9, 1.5), r'optimizer\.betas=\(0\.9, 1\.5\): expected two numbers'),
+    ('ema.max_value', 1.5, r'ema\.max_value=1\.5: expected a number in \[0\.0, 1\.0\]'),
+    ('model.n_head', 3, r'model\.n_emb=256: must divide by model\.n_head=3'),
+    ('model.obs_encoder_group_norm', False, r'obs_encoder_group_norm=False: must be True'),
+    ('training.gradient_accumulate_every', 0,
+     r'training\.gradient_accumulate_every=0: expected an integer >= 1'),
+    ('training.max_train_steps', -1, r'training\.max_train_steps=-1: expected an integer >= 1 '
+     r'or None'),
+    ('training.rollout_every', -1, r'training\.rollout_every=-1: expected an integer >= 0'),
+    ('data.num_demos', 1, r'data\.num_demos=1: expected an integer >= 2'),
+])
+def test_bad_values_are_rejected_with_the_field_named(field, value, message):
+  config = lift.get_config()
+  group, name = field.split('.')
+  config[group][name] = value
+  with pytest.raises(ConfigError, match=message):
+    check_config(config, num_devices=2, num_processes=1)
+
+
+def test_all_problems_are_reported_at_once():
+  config = lift.get_config()
+  config.task.horizon = 4
+  config.diffusion.sampler = 'x'
+  with pytest.raises(ConfigError) as info:
+    check_config(config)
+  text = str(info.value)
+  assert 'task.horizon=4' in text and "diffusion.sampler='x'" in text
