@@ -31,7 +31,7 @@ import numpy as np
 from configs import lift  # pylint: disable=g-import-not-at-top
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
-from dpjax.diffusion.policy import DiffusionPolicy
+from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
 
 FIGURES = ('predict', 'train', 'pipeline', 'env')
 
@@ -112,8 +112,23 @@ def _variant(name: str, quick: bool) -> ml_collections.ConfigDict:
   return lift.get_config('smoke' if quick else name)
 
 
+def _encoder_flops(policy: DiffusionPolicy, variables, obs) -> float:
+  """XLA's FLOPs for encoding the first To frames of `obs` (normalised, flat batch B·To)."""
+  to = policy.n_obs_steps
+  flat = {}
+  for spec in policy.shape_meta.obs:
+    x = policy.normalizer.normalize(spec.key, obs[spec.key][:, :to])
+    flat[spec.key] = x.reshape((-1,) + x.shape[2:])
+  encode = jax.jit(lambda v, o: policy.network.apply(v, o, False, method=PolicyNetwork.encode))
+  return _compiled_stats(encode.lower(variables, flat).compile())['flops'] or 0.0
+
+
 def bench_predict(args) -> dict[str, Any]:
-  """`predict_action` latency (encoders included) per batch size and sampler."""
+  """`predict_action` latency (encoders included) per batch size and sampler.
+
+  XLA's cost analysis counts a loop body once, so the reverse process's FLOPs are rebuilt as
+  encoder + num_inference_steps x (program - encoder).
+  """
   config = _variant('default', args.quick)
   shape_meta = ShapeMeta.from_config(config.task.shape_meta)
   normalizer = _synthetic_normalizer(shape_meta)
@@ -126,10 +141,15 @@ def bench_predict(args) -> dict[str, Any]:
     cfg.diffusion.num_inference_steps = steps
     policy = DiffusionPolicy(cfg, shape_meta, normalizer)
     variables = policy.init(jax.random.key(0))
-    jitted = jax.jit(policy._predict_action)  # pylint: disable=protected-access
+    jitted = policy.predict_action_jit
     for batch in batches:
       obs = jax.device_put(_synthetic_obs(shape_meta, batch, int(cfg.task.n_obs_steps)))
       timing = _timed_program(jitted, (variables, obs, jax.random.key(1)), args.repeats)
+      if timing['flops']:
+        encoder = _encoder_flops(policy, variables, obs)
+        timing['flops'] = encoder + steps * (timing['flops'] - encoder)
+        timing['encoder_flops'] = encoder
+        timing['flops_per_s'] = timing['flops'] / timing['median_s']
       results[f'{sampler}{steps}_batch{batch}'] = dict(
           timing, sampler=sampler, num_inference_steps=steps, batch_size=batch)
   return {'config': config.name, 'results': results}

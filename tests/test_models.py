@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from configs.lift import get_config
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.models import param_groups
+from dpjax.models import transformer as transformer_lib
 from dpjax.models.obs_encoder import (ImageEncoder, ObservationEncoder, SpatialSoftmax,
                                       crop_images, output_dim)
 from dpjax.models.resnet import ResNet18
@@ -613,3 +614,19 @@ def test_param_group_masks_follow_reference_groups():
   assert labels['obs_encoder']['agentview_image']['linear']['kernel'] == 'obs_encoder'
   with pytest.raises(ValueError, match='neither under'):
     param_groups.transformer_decay_mask({'params': {'unknown': {'kernel': jnp.zeros(1)}}})
+
+
+@pytest.mark.parametrize('obs_as_cond,causal_attn', [(True, True), (True, False),
+                                                      (False, True), (False, False)])
+def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn):
+  """The sampler's step-invariant cache gives the module's own eval-mode outputs."""
+  model, params, (sample, _, cond) = _small_transformer_with_params(
+      cond_dim=5 if obs_as_cond else 0, obs_as_cond=obs_as_cond, causal_attn=causal_attn)
+  timesteps = jnp.array([99, 57, 3, 0])
+  apply = _jit_apply(model)
+  cache = transformer_lib.decoding_cache(model, params['params'], timesteps, cond)
+  for step, t in enumerate(timesteps):
+    expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
+    got = transformer_lib.cached_denoise(model, params['params'], cache, sample,
+                                         jnp.int32(step))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

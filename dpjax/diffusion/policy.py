@@ -126,7 +126,9 @@ class DiffusionPolicy:
     # Fails now, not at the first call, on a bad sampler or step count.
     sampling.inference_timesteps(self.sampler, self.schedule.num_train_timesteps,
                                  self.num_inference_steps)
-    self._predict_action_jit = jax.jit(self._predict_action)
+    # The compiled program behind `predict_action` (public for `.lower()` in benchmarks); it
+    # takes exactly the shape_meta observation keys.
+    self.predict_action_jit = jax.jit(self._predict_action)
 
   def _check_config(self, model, diffusion) -> None:
     if model.compute_dtype not in COMPUTE_DTYPES:
@@ -268,7 +270,7 @@ class DiffusionPolicy:
       [To − 1, To − 1 + n_action_steps) of `action_pred`.
     """
     obs = {spec.key: obs[spec.key] for spec in self.shape_meta.obs if spec.key in obs}
-    return self._predict_action_jit(variables, obs, rng)
+    return self.predict_action_jit(variables, obs, rng)
 
   def _predict_action(self, variables, obs: Mapping[str, jax.Array],
                       rng: jax.Array) -> dict[str, jax.Array]:

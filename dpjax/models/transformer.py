@@ -319,12 +319,8 @@ def _linear(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _normalize(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
-  """nn.LayerNorm applied with its parameters `p`, variance in two passes (float32 statistics)."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  centred = x32 - mean
-  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + LAYER_NORM_EPS)
-  return (centred * inv_std * p['scale'] + p['bias']).astype(dtype)
+  """nn.LayerNorm applied with its parameters `p`."""
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype).apply({'params': p}, x)
 
 
 def decoding_cache(model: TransformerForDiffusion, params: Mapping[str, Any],
