@@ -16,7 +16,6 @@ leading dimensions. Statistics are stored as JSON beside every checkpoint.
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dpjax.atomic_write import write_text_atomic
 from dpjax.data.shape_meta import ShapeMeta
 
 ACTION_KEY = 'action'
@@ -212,18 +212,7 @@ class Normalizer:
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes JSON atomically (temp file + rename): a crash never leaves a partial file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.normalizer-', suffix='.json.tmp')
-    try:
-      with os.fdopen(fd, 'w') as f:
-        f.write(self.to_json())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    write_text_atomic(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike[str],

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from dpjax.atomic_write import write_json_atomic
 from dpjax.data import pipeline
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.rlds_dataset import RobomimicRlds, build_rlds_dataset
@@ -99,20 +100,6 @@ def generate_demos_isolated(path: str | os.PathLike[str], num_demos: int, seed: 
       return json.load(f)
 
 
-def _write_json_atomic(path: str, payload: Any) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.json')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(payload, f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _read_episodes_json(path: str) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
   """Cached (names, lengths), or None when absent or unreadable (then recomputed)."""
   try:
@@ -158,7 +145,7 @@ def prepare_dataset(config, log: Callable[[str], None] = print) -> PreparedData:
     log(f'Reading {builder.data_dir} to fit normaliser statistics on the train split')
     store = pipeline.load_episodes(builder, shape_meta)
     cached = (store.names, tuple(int(n) for n in store.lengths))
-    _write_json_atomic(episodes_path, {'demo_names': list(cached[0]),
+    write_json_atomic(episodes_path, {'demo_names': list(cached[0]),
                                        'episode_lengths': list(cached[1])})
     if normalizer is None:
       normalizer = pipeline.fit_normalizer(store, val_ratio=data.val_ratio,

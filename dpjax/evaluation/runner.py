@@ -15,7 +15,6 @@ its own episode, which is marked `crashed`.
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ import jax
 import numpy as np
 import tqdm
 
+from dpjax.atomic_write import write_json_atomic
 from dpjax.data.robomimic import RobomimicFile
 from dpjax.diffusion.policy import DiffusionPolicy
 from dpjax.evaluation import stats
@@ -505,11 +505,7 @@ def write_eval_json(path: str, result: dict[str, Any], *, checkpoint_step: int |
   """Writes `result` + checkpoint step + config name as JSON, atomically; returns the path."""
   payload = dict(result, checkpoint_step=checkpoint_step,
                  config_name=config_name or result.get('config_name'))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temp_path = path + '.partial'
-  with open(temp_path, 'w', encoding='utf-8') as f:
-    json.dump(payload, f, indent=2)
-  os.replace(temp_path, path)
+  write_json_atomic(path, payload)
   return path
 
 

@@ -24,6 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 
+from dpjax.atomic_write import write_json_atomic
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy
@@ -135,12 +136,6 @@ class Checkpointer:
     self._manager.close()
 
 
-def _write_json_atomic(path: epath.Path, data: dict) -> None:
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-  os.replace(tmp, path)
-
-
 def export_policy(directory: str | os.PathLike, *, ema_params: PyTree,
                   config: ml_collections.ConfigDict, normalizer: Normalizer) -> epath.Path:
   """Writes a self-contained policy (EMA params + config + normaliser) to `directory`.
@@ -158,8 +153,8 @@ def export_policy(directory: str | os.PathLike, *, ema_params: PyTree,
     checkpointer.save(tmp / PARAMS_DIR, {'params': ema_params})
     checkpointer.wait_until_finished()
   if is_chief:
-    _write_json_atomic(tmp / CONFIG_FILE, config_to_dict(config))
-    _write_json_atomic(tmp / NORMALIZER_FILE, _normalizer_to_dict(normalizer))
+    write_json_atomic(tmp / CONFIG_FILE, config_to_dict(config))
+    write_json_atomic(tmp / NORMALIZER_FILE, _normalizer_to_dict(normalizer))
     old = directory.parent / (directory.name + '.old')
     if directory.exists():
       os.replace(directory, old)

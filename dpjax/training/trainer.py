@@ -20,7 +20,6 @@ Workdir after a run:
 
 import functools
 import itertools
-import json
 import math
 import os
 import time
@@ -34,6 +33,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dpjax.atomic_write import write_json_atomic
 from dpjax.data import pipeline, prepare
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy
@@ -65,13 +65,6 @@ def is_due(epoch: int, every: int, num_epochs: int, *, at_end: bool) -> bool:
   if every <= 0:
     return False
   return (epoch + 1) % every == 0 or (at_end and epoch == num_epochs - 1)
-
-
-def _write_json_atomic(path: str, data: dict) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _prepare_data(config: ml_collections.ConfigDict):
@@ -170,7 +163,7 @@ class _Loop:
                                num_processes=jax.process_count())
     if self.is_chief:
       os.makedirs(self.workdir, exist_ok=True)
-      _write_json_atomic(os.path.join(self.workdir, CONFIG_FILE),
+      write_json_atomic(os.path.join(self.workdir, CONFIG_FILE),
                          checkpointing.config_to_dict(config))
 
     self.prepared = _prepare_data(config)
@@ -382,7 +375,7 @@ class _Loop:
                         epoch=self.config.training.num_epochs,
                         checkpoint=self.last_checkpoint_text(), policy_dir=str(policy_dir))
     if self.is_chief:
-      _write_json_atomic(os.path.join(self.workdir, SUMMARY_FILE), self.summary)
+      write_json_atomic(os.path.join(self.workdir, SUMMARY_FILE), self.summary)
     logging.info('Training finished: %s', self.summary)
 
   def close(self) -> None:
