@@ -38,7 +38,8 @@ from dpjax.data import pipeline, prepare
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy
 from dpjax.evaluation import runner as eval_runner
-from dpjax.training import checkpointing, config_checks, metrics as metrics_lib
+from dpjax.training import checkpointing, config_checks, curves as curves_lib
+from dpjax.training import metrics as metrics_lib
 from dpjax.training import optimizer as optimizer_lib, parallel
 from dpjax.training.train_state import TrainState, create_train_state
 
@@ -376,6 +377,8 @@ class _Loop:
                         checkpoint=self.last_checkpoint_text(), policy_dir=str(policy_dir))
     if self.is_chief:
       write_json_atomic(os.path.join(self.workdir, SUMMARY_FILE), self.summary)
+      self.writer.flush()
+      curves_lib.plot_learning_curves(self.workdir)
     logging.info('Training finished: %s', self.summary)
 
   def close(self) -> None:
