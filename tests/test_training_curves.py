@@ -10,7 +10,8 @@ def test_curves_png_from_recorded_metrics(tmp_path):
   writer = metrics.MetricWriter(tmp_path)
   for step in range(1, 21):
     writer.write(step, {'train/loss': 1.0 / step})
-  writer.write(20, {'epoch/train_loss': 0.1, 'epoch/val_loss': 0.2, 'rollout/success_rate': 0.5})
+  writer.write(20, {'epoch/train_loss': 0.1, 'epoch/val_loss': 0.2,
+                    'rollout/test/success_rate': 0.5})
   writer.close()
 
   path = curves.plot_learning_curves(tmp_path)

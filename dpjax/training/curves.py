@@ -10,13 +10,14 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from dpjax.training import metrics as metrics_lib  # pylint: disable=wrong-import-position
 
 CURVES_FILE = 'learning_curves.png'
-# (panel title, y-axis log scale, [(metric name, legend label), ...]).
+# (panel title, y axis: 'log' or 'fraction', [(metric name, legend label), ...]).
 _PANELS = (
-    ('diffusion loss', True, [('train/loss', 'train (per step)'),
+    ('diffusion loss', 'log', [('train/loss', 'train (per step)'),
                               ('epoch/train_loss', 'train (epoch mean)'),
                               ('epoch/val_loss', 'validation (raw params)')]),
-    ('sampled-action MSE (EMA)', True, [('epoch/train_action_mse', 'training batch')]),
-    ('rollout success', False, [('rollout/success_rate', 'test episodes')]),
+    ('sampled-action MSE (EMA)', 'log', [('epoch/train_action_mse', 'training batch')]),
+    ('rollout success', 'fraction', [('rollout/test/success_rate', 'test episodes'),
+                                ('rollout/train/success_rate', 'train initial states')]),
 )
 
 
@@ -28,7 +29,7 @@ def plot_learning_curves(workdir: str | os.PathLike, path: str | None = None) ->
   records = metrics_lib.read_metrics(workdir)
   path = path or os.path.join(workdir, CURVES_FILE)
   figure, axes = plt.subplots(1, len(_PANELS), figsize=(5 * len(_PANELS), 3.6))
-  for axis, (title, log_scale, series) in zip(axes, _PANELS):
+  for axis, (title, y_axis, series) in zip(axes, _PANELS):
     plotted = False
     for name, label in series:
       points = [(r['step'], r[name]) for r in records if r.get(name) is not None]
@@ -39,8 +40,10 @@ def plot_learning_curves(workdir: str | os.PathLike, path: str | None = None) ->
     axis.set_title(title)
     axis.set_xlabel('step')
     if plotted:
-      if log_scale:
+      if y_axis == 'log':
         axis.set_yscale('log')
+      else:
+        axis.set_ylim(-0.02, 1.02)
       axis.legend(fontsize=8)
       axis.grid(alpha=0.3)
     else:
