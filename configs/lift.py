@@ -11,8 +11,8 @@ Variants (`--config configs/lift.py:VARIANT`):
 * ``cpu`` — sized to train on a 2-core laptop CPU in under an hour (see the departures listed
   in ``_cpu``).
     python launch.py --config configs/lift.py:cpu
-  Measured (2-core CPU, seed 42): 26 min end to end, test success 0.80 (40/50) — not yet tuned
-  to the 90 % goal.
+  Measured (2-core CPU): 22–26 min end to end, test success 0.80 (seed 42) and 0.64 (seed 1)
+  of 50 — not yet tuned to the 90 % goal.
 * ``smoke`` — about a minute on 2 cores, most of it demo generation and compilation: a tiny
   network on 3 short demos, 2 epochs of 2 steps; used by the tests.
     python launch.py --config configs/lift.py:smoke --workdir /tmp/smoke
