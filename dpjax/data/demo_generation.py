@@ -8,7 +8,10 @@ an error never leaves a partial dataset at `path`.
 
 Layout written (SPEC §1): `data` (attrs `total`, `env_args`), `data/demo_<k>` (attrs
 `num_samples`, `reset_seed`, `attempt`) with `obs/<key> (L, ...)`, `actions (L, 7) float32`,
-`rewards (L,)`, `dones (L,)`, `states (L, S)`; `mask/train`, `mask/valid` (demo names, bytes).
+`executed_actions (L, 7) float32`, `rewards (L,)`, `dones (L,)`, `states (L, S)`;
+`mask/train`, `mask/valid` (demo names, bytes). `actions` are the expert's noise-free labels, what
+a policy learns; `executed_actions` are what the env was stepped with (labels plus the expert's
+injected noise, see `scripted_expert`), so replaying them from `states[0]` retraces the demo.
 """
 
 import contextlib
@@ -27,6 +30,9 @@ import tqdm
 
 from dpjax.envs.scripted_expert import LiftExpert
 
+# Bumped when the same (seed, count) would give different demos, so stale caches are not reused
+# (2: `actions` became the noise-free labels; 3: the expert holds the gripper top-down).
+DEMO_VERSION = 3
 VALID_RATIO = 0.1
 MAX_EPISODE_STEPS = 150
 # Steps recorded after the first success, so demos end holding the cube up.
@@ -44,6 +50,7 @@ class EpisodeRecord:
   success: bool
   obs: dict[str, np.ndarray]
   actions: np.ndarray
+  executed_actions: np.ndarray
   rewards: np.ndarray
   dones: np.ndarray
   states: np.ndarray
@@ -77,15 +84,16 @@ class _EpisodeRunner:
     reset_seed, expert_rng = attempt_seeds(self._seed, attempt)
     expert = LiftExpert(expert_rng)
     obs = self._env.reset(seed=reset_seed)
-    steps, actions, rewards, states = [], [], [], []
+    steps, actions, executed, rewards, states = [], [], [], [], []
     success_step = None
     for t in range(self._max_steps):
       states.append(self._env.get_state())
       steps.append(obs)
       action = expert.act(obs)
-      obs, reward, _, _ = self._env.step(action)
+      obs, reward, _, _ = self._env.step(action.executed)
       success = self._env.is_success()
-      actions.append(action)
+      actions.append(action.label)
+      executed.append(action.executed)
       rewards.append(reward)
       if success and success_step is None:
         success_step = t
@@ -104,6 +112,7 @@ class _EpisodeRunner:
     return EpisodeRecord(
         attempt=attempt, reset_seed=reset_seed, success=succeeded, obs=stored,
         actions=np.stack(actions).astype(np.float32),
+        executed_actions=np.stack(executed).astype(np.float32),
         rewards=np.asarray(rewards, dtype=np.float32),
         dones=dones,
         states=np.stack(states))
@@ -186,6 +195,7 @@ def _write_demo(data: h5py.Group, name: str, record: EpisodeRecord) -> None:
     compression = 'gzip' if array.dtype == np.uint8 else None
     group.create_dataset(f'obs/{key}', data=array, compression=compression)
   group.create_dataset('actions', data=record.actions)
+  group.create_dataset('executed_actions', data=record.executed_actions)
   group.create_dataset('rewards', data=record.rewards)
   group.create_dataset('dones', data=record.dones)
   group.create_dataset('states', data=record.states)

@@ -2,7 +2,7 @@
 
 Under `config.data.data_dir`:
 
-  lift_n<num_demos>_seed<demo_seed>_<image_size>px.hdf5   scripted-expert demos (robomimic)
+  lift_v<version>_n<num_demos>_seed<demo_seed>_<image_size>px.hdf5   scripted-expert demos
   tfds/robomimic_rlds/<stem>_<digest>/1.0.0/              the RLDS conversion
   stats/<stem>_<digest>_split<seed>_val<ratio>.normalizer.json   train-split statistics
   stats/<stem>_<digest>.episodes.json                     demo names and lengths
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dpjax.atomic_write import write_json_atomic
-from dpjax.data import pipeline
+from dpjax.data import demo_generation, pipeline
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.rlds_dataset import RobomimicRlds, build_rlds_dataset
 from dpjax.data.shape_meta import ShapeMeta
@@ -59,11 +59,12 @@ class PreparedData:
 
 
 def demo_path(config) -> str:
-  """Where the demos for (num_demos, demo_seed, image_size) live."""
+  """Where the demos for (num_demos, demo_seed, image_size) of this generator version live."""
   data = config.data
   return os.path.join(
       os.fspath(data.data_dir),
-      f'lift_n{data.num_demos}_seed{data.demo_seed}_{data.image_size}px.hdf5')
+      f'lift_v{demo_generation.DEMO_VERSION}_n{data.num_demos}_seed{data.demo_seed}_'
+      f'{data.image_size}px.hdf5')
 
 
 _GENERATE = """

@@ -6,15 +6,28 @@ as a recovery. Each episode draws its own gains, speeds, heights and noise, and 
 get a short random shove on the way to the cube, so the demonstrations vary.
 
 Actions are (7,) float32 in [-1, 1]: OSC_POSE deltas (1 ↔ 5 cm or 0.5 rad per step) and the
-gripper (-1 open, +1 close). Orientation is only jittered: the Panda's default top-down grasp
-fits the 4 cm cube at any yaw.
+gripper (-1 open, +1 close). The gripper is held pointing straight down (a proportional
+controller on the orientation error, so tilt and yaw from the injected noise are undone); the
+top-down grasp fits the 4 cm cube at any yaw.
+
+Each step gives two actions (DART-style noise injection): the *executed* one, with this
+episode's noise and shove, which moves the robot, and the *label*, the controller's own answer to
+the state it is in, which the demos teach. The noise puts the robot in states off the clean
+path and the labels say how to get back, without teaching the policy to reproduce the noise: a
+policy trained on the noisy actions themselves lifted the cube in only 45 % of its own training
+episodes.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
-_METRES_PER_UNIT = 0.05  # OSC_POSE delta scaling: an action of 1 asks for 5 cm.
+_METRES_PER_UNIT = 0.05  # OSC_POSE delta scaling: an action of 1 asks for 5 cm...
+_RADIANS_PER_UNIT = 0.5  # ...or a 0.5 rad rotation (axis-angle, base frame).
+# robosuite's (x, y, z, w) quaternion of the gripper pointing straight down, fingers along y.
+TOP_DOWN_QUAT = np.array([1.0, 0.0, 0.0, 0.0])
+_ROTATION_GAIN = 0.5  # Fraction of the orientation error corrected per step.
 _OPEN, _CLOSE = -1.0, 1.0
 
 
@@ -32,6 +45,32 @@ class _Style:
   shove_step: int | None  # Step of the approach at which a random shove starts (or none).
   shove: np.ndarray  # (3,) translation action added during the shove.
   shove_steps: int
+
+
+def orientation_error(target_xyzw: np.ndarray, current_xyzw: np.ndarray) -> np.ndarray:
+  """(3,) axis-angle (radians, world frame) of the rotation taking `current` to `target`."""
+  def multiply(a, b):
+    (ax, ay, az, aw), (bx, by, bz, bw) = a, b
+    return np.array([aw * bx + ax * bw + ay * bz - az * by,
+                     aw * by - ax * bz + ay * bw + az * bx,
+                     aw * bz + ax * by - ay * bx + az * bw,
+                     aw * bw - ax * bx - ay * by - az * bz])
+
+  current = np.asarray(current_xyzw, dtype=np.float64)
+  inverse = np.array([-current[0], -current[1], -current[2], current[3]]) / np.dot(current,
+                                                                                   current)
+  x, y, z, w = multiply(np.asarray(target_xyzw, dtype=np.float64), inverse)
+  if w < 0:  # q and -q are the same rotation; take the short way round.
+    x, y, z, w = -x, -y, -z, -w
+  sin_half = np.linalg.norm([x, y, z])
+  if sin_half < 1e-12:
+    return np.zeros(3)
+  return 2.0 * np.arctan2(sin_half, w) * np.array([x, y, z]) / sin_half
+
+
+class ExpertAction(NamedTuple):
+  executed: np.ndarray  # (7,) float32: label + noise (+ shove); what the env is stepped with.
+  label: np.ndarray  # (7,) float32: the noise-free action for the current state.
 
 
 class LiftExpert:
@@ -79,11 +118,13 @@ class LiftExpert:
     self._phase = phase
     self._phase_steps = 0
 
-  def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-    """(7,) float32 action from `cube_pos` (3,) and `robot0_eef_pos` (3,)."""
+  def act(self, obs: dict[str, np.ndarray]) -> ExpertAction:
+    """The executed and label actions for `cube_pos` (3,), `robot0_eef_pos` (3,) and
+    `robot0_eef_quat` (4,)."""
     style = self._style
     cube = np.asarray(obs['cube_pos'], dtype=np.float64)
     eef = np.asarray(obs['robot0_eef_pos'], dtype=np.float64)
+    turn = _ROTATION_GAIN * orientation_error(TOP_DOWN_QUAT, obs['robot0_eef_quat'])
     grasp_point = cube + np.array([0.0, 0.0, style.grasp_offset])
     gripper = _OPEN
 
@@ -115,12 +156,14 @@ class LiftExpert:
         self._set_phase('hover')
         gripper = _OPEN
 
+    label = np.concatenate([move, turn / _RADIANS_PER_UNIT, [gripper]])
+    perturbation = np.zeros(7)
     if (style.shove_step is not None and self._phase == 'hover' and
         style.shove_step <= self._step < style.shove_step + style.shove_steps):
-      move = move + style.shove
-    move = move + self._rng.normal(scale=style.noise_std, size=3)
-    rotation = self._rng.normal(scale=style.rot_noise_std, size=3)
+      perturbation[:3] += style.shove
+    perturbation[:3] += self._rng.normal(scale=style.noise_std, size=3)
+    perturbation[3:6] = self._rng.normal(scale=style.rot_noise_std, size=3)
     self._step += 1
     self._phase_steps += 1
-    action = np.concatenate([move, rotation, [gripper]])
-    return np.clip(action, -1.0, 1.0).astype(np.float32)
+    clip = lambda action: np.clip(action, -1.0, 1.0).astype(np.float32)
+    return ExpertAction(executed=clip(label + perturbation), label=clip(label))

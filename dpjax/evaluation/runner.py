@@ -99,7 +99,7 @@ class ExpertPolicy:
     actions = np.zeros((len(self._experts), 1, self._action_dim), np.float32)
     for row, expert in enumerate(self._experts):
       if expert is not None:
-        actions[row, 0] = expert.act({k: v[row, -1] for k, v in obs.items()})
+        actions[row, 0] = expert.act({k: v[row, -1] for k, v in obs.items()}).executed
     return actions
 
 

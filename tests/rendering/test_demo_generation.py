@@ -70,6 +70,8 @@ def test_writes_robomimic_format_the_reader_accepts(generated):
     # The demo ends holding the cube well above where it started.
     assert episode.obs['cube_pos'][-1, 2] > episode.obs['cube_pos'][0, 2] + 0.04
     assert episode.actions[-1, 6] == 1.0  # Gripper still closed.
+    # Rotation labels only undo tilt (the executed noise is up to 0.03 per step, 0.1 at most).
+    assert np.abs(episode.actions[:, 3:6]).max() < 0.5
   with h5py.File(path, 'r') as f:
     assert f['data'].attrs['total'] == sum(lengths)
     for name, length in zip(['demo_0', 'demo_1'], lengths):
@@ -98,7 +100,8 @@ def test_recorded_states_and_actions_replay_in_the_env(generated):
   try:
     with h5py.File(directory / 'two.hdf5', 'r') as f:
       demo = f['data/demo_0']
-      states, actions = demo['states'][()], demo['actions'][()]
+      states, actions = demo['states'][()], demo['executed_actions'][()]
+      assert not np.array_equal(actions, demo['actions'][()])  # The expert's noise was executed.
       env.reset(seed=int(demo.attrs['reset_seed']))
       np.testing.assert_array_equal(env.get_state(), states[0])
       env.reset_to_state(states[0])

@@ -114,7 +114,7 @@ def test_expert_lifts_the_cube_with_valid_actions(physics_env):
     expert = LiftExpert(np.random.default_rng(seed))
     assert not physics_env.is_success()
     for step in range(150):
-      action = expert.act(obs)
+      action = expert.act(obs).executed
       assert action.shape == (7,) and action.dtype == np.float32
       assert np.abs(action).max() <= 1.0
       obs, _, _, _ = physics_env.step(action)
