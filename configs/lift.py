@@ -172,8 +172,8 @@ def _cpu(config):
   ResNet width 16 and a 4-layer 128-wide transformer (447 ms per batch-64 step vs 3.8 s for the
   paper network); batch 32 and 30 epochs (4,050 steps at ~3.3 steps/s, 20 min); a higher
   learning rate for the short schedule; lighter attention dropout for the smaller model;
-  DDIM-16 sampling for rollouts (DDPM-100 gave the same success, 0.60 vs 0.56 on 30/50 test
-  episodes of one policy, at 3× the policy time). A rollout mid-way and at the end (each 50
+  DDIM-16 sampling for rollouts (for one policy DDPM-100 gave 0.60 on 30 test episodes vs 0.56
+  with DDIM-16 on 50, at 3× the policy time). A rollout mid-way and at the end (each 50
   episodes costs 2–5 min). Training longer did not help: 50 epochs on the v1 demos (labels
   with the expert's noise) gave 0.56 vs 0.64–0.80 after 20, and that policy failed 11 of 20 of
   its own training scenes. The v3 demos (noise-free labels, gripper held top-down) gave 0.68

@@ -70,7 +70,7 @@ def test_writes_robomimic_format_the_reader_accepts(generated):
     # The demo ends holding the cube well above where it started.
     assert episode.obs['cube_pos'][-1, 2] > episode.obs['cube_pos'][0, 2] + 0.04
     assert episode.actions[-1, 6] == 1.0  # Gripper still closed.
-    # Rotation labels only undo tilt (the executed noise is up to 0.03 per step, 0.1 at most).
+    # Rotation labels are small corrections back to top-down, not the executed noise.
     assert np.abs(episode.actions[:, 3:6]).max() < 0.5
   with h5py.File(path, 'r') as f:
     assert f['data'].attrs['total'] == sum(lengths)
