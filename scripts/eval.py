@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       'config); 0 for none')
   parser.add_argument('--sampler', choices=('ddpm', 'ddim'), help='default: the checkpoint\'s')
   parser.add_argument('--num_inference_steps', type=int, help='default: the checkpoint\'s')
+  parser.add_argument('--n_action_steps', type=int,
+                      help='actions executed per prediction (default: the checkpoint\'s)')
   parser.add_argument('--output_dir', help='default: <workdir or checkpoint>/eval, or '
                       'runs/eval_expert for the expert')
   parser.add_argument('--no_cameras', action='store_true',
@@ -77,9 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   if args.policy == 'diffusion' and not (args.workdir or args.checkpoint):
     parser.error('give --workdir or --checkpoint (or --policy expert)')
   if args.policy == 'expert' and (args.workdir or args.checkpoint or args.sampler or
-                                  args.num_inference_steps):
+                                  args.num_inference_steps or args.n_action_steps):
     parser.error('--policy expert takes no --workdir/--checkpoint/--sampler/'
-                 '--num_inference_steps')
+                 '--num_inference_steps/--n_action_steps')
   if args.no_cameras and args.policy != 'expert':
     parser.error('--no_cameras is for --policy expert only (the policy sees the cameras)')
   return args
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     step = checkpoint_step(source)
     result = runner.evaluate_policy(
         policy, variables, config, rng=jax.random.key(args.seed), sampler=args.sampler,
-        num_inference_steps=args.num_inference_steps,
+        num_inference_steps=args.num_inference_steps, n_action_steps=args.n_action_steps,
         video_dir=os.path.join(output_dir, 'videos'), **common)
   result['source'] = None if args.policy == 'expert' else os.path.abspath(source)
   path = runner.write_eval_json(os.path.join(output_dir, 'eval.json'), result,

@@ -25,7 +25,7 @@ def test_labels_are_the_executed_actions_without_the_noise():
   expert = LiftExpert(np.random.default_rng(3), shove_probability=1.0)
   tilted = (Rotation.from_quat(TOP_DOWN_QUAT) * Rotation.from_rotvec([0.1, 0.0, 0.0])).as_quat()
   obs = {'cube_pos': np.array([0.0, 0.0, 0.82]), 'robot0_eef_pos': np.array([-0.1, 0.0, 1.0]),
-         'robot0_eef_quat': tilted}
+         'robot0_eef_quat': tilted, 'robot0_gripper_qpos': np.array([0.04, -0.04])}
   differences = []
   for _ in range(12):
     action = expert.act(obs)
@@ -37,3 +37,38 @@ def test_labels_are_the_executed_actions_without_the_noise():
                                rtol=1e-5)
     assert action.label[6] == action.executed[6] == -1.0  # Gripper open while approaching.
   assert max(differences) > 0.1  # The shove and the noise are in the executed actions only.
+
+
+def _obs(eef, gap, cube=(0.0, 0.0, 0.82)):
+  return {'cube_pos': np.array(cube), 'robot0_eef_pos': np.array(eef),
+          'robot0_eef_quat': TOP_DOWN_QUAT, 'robot0_gripper_qpos': np.array([gap / 2, -gap / 2])}
+
+
+def test_a_fumble_closes_beside_the_cube_while_the_labels_recover():
+  expert = LiftExpert(np.random.default_rng(0), shove_probability=0.0, fumble_probability=1.0)
+  hover = np.array([0.0, 0.0, 0.82 + expert._style.hover_height])
+  fumble = np.array([0.0, 0.0, 0.82 + expert._style.grasp_offset]) + expert._style.fumble
+  expert.act(_obs(hover, 0.08))  # Lined up above the cube: the fumble starts.
+  assert expert.phase == 'fumble'
+  action = expert.act(_obs(fumble, 0.08))  # At the fumble point: close there...
+  action = expert.act(_obs(fumble, 0.08))
+  assert action.executed[6] == 1.0
+  # ...while the label opens and heads back above the cube.
+  assert action.label[6] == -1.0
+  toward_hover = (hover - fumble) / np.linalg.norm(hover - fumble)
+  assert np.dot(action.label[:3], toward_hover) > 0.9 * np.linalg.norm(action.label[:3])
+  for _ in range(40):
+    expert.act(_obs(fumble + [0.0, 0.0, 0.05], 0.0))
+  assert expert.phase == 'hover' and expert.num_regrasps == 1
+
+
+def test_an_empty_grip_is_a_miss():
+  expert = LiftExpert(np.random.default_rng(1), shove_probability=0.0, fumble_probability=0.0)
+  grasp = np.array([0.0, 0.0, 0.82 + expert._style.grasp_offset])
+  expert.act(_obs(grasp + [0.0, 0.0, expert._style.hover_height], 0.08))
+  expert.act(_obs(grasp, 0.08))
+  assert expert.phase == 'close'
+  for _ in range(3):
+    assert expert.act(_obs(grasp, 0.05)).label[6] == 1.0  # Closing on the cube: keep closing.
+  action = expert.act(_obs(grasp, 0.004))  # Fingers met: nothing between them.
+  assert expert.phase == 'hover' and action.label[6] == -1.0 and expert.num_regrasps == 1

@@ -31,8 +31,9 @@ import tqdm
 from dpjax.envs.scripted_expert import LiftExpert
 
 # Bumped when the same (seed, count) would give different demos, so stale caches are not reused
-# (2: `actions` became the noise-free labels; 3: the expert holds the gripper top-down).
-DEMO_VERSION = 3
+# (2: `actions` became the noise-free labels; 3: the expert holds the gripper top-down;
+# 4: fumbled first grasps and empty-grip miss detection, so demos show recoveries).
+DEMO_VERSION = 4
 VALID_RATIO = 0.1
 MAX_EPISODE_STEPS = 150
 # Steps recorded after the first success, so demos end holding the cube up.

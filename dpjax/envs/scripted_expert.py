@@ -1,9 +1,11 @@
 """A scripted Lift expert: a proportional controller on privileged state with varied style.
 
-Phases: hover above the cube → descend → close the gripper for a few steps → lift; if the cube
-does not follow the lift (missed or slipped), reopen and start over, which the demos then show
-as a recovery. Each episode draws its own gains, speeds, heights and noise, and some episodes
-get a short random shove on the way to the cube, so the demonstrations vary.
+Phases: hover above the cube → descend → close the gripper for a few steps → lift. A grasp that
+holds nothing (the fingers close to less than the cube's width) or that the cube does not follow
+is a miss: the expert reopens and starts over from above the cube. Each episode draws its own
+gains, speeds, heights and noise; some get a short random shove on the way to the cube, and some
+a *fumble*: the first grasp is executed beside or above the cube, closes on air and lifts, so the
+demos show the states of a missed grasp and the way back from them.
 
 Actions are (7,) float32 in [-1, 1]: OSC_POSE deltas (1 ↔ 5 cm or 0.5 rad per step) and the
 gripper (-1 open, +1 close). The gripper is held pointing straight down (a proportional
@@ -11,11 +13,11 @@ controller on the orientation error, so tilt and yaw from the injected noise are
 top-down grasp fits the 4 cm cube at any yaw.
 
 Each step gives two actions (DART-style noise injection): the *executed* one, with this
-episode's noise and shove, which moves the robot, and the *label*, the controller's own answer to
-the state it is in, which the demos teach. The noise puts the robot in states off the clean
-path and the labels say how to get back, without teaching the policy to reproduce the noise: a
-policy trained on the noisy actions themselves lifted the cube in only 45 % of its own training
-episodes.
+episode's noise, shove or fumble, which moves the robot, and the *label*, the controller's own
+answer to the state it is in, which the demos teach. The perturbations put the robot in states
+off the clean path and the labels say how to get back, without teaching the policy to reproduce
+them: a policy trained on the noisy actions themselves lifted the cube in only 45 % of its own
+training episodes. During a fumble the label is the recovery (open, back above the cube).
 """
 
 import dataclasses
@@ -28,6 +30,9 @@ _RADIANS_PER_UNIT = 0.5  # ...or a 0.5 rad rotation (axis-angle, base frame).
 # robosuite's (x, y, z, w) quaternion of the gripper pointing straight down, fingers along y.
 TOP_DOWN_QUAT = np.array([1.0, 0.0, 0.0, 0.0])
 _ROTATION_GAIN = 0.5  # Fraction of the orientation error corrected per step.
+# Finger gap (sum of the two finger joints, metres) below which the gripper holds nothing: the
+# cube is at least 4 cm wide, a closed empty gripper reads ~0.
+_EMPTY_GRIP_GAP = 0.03
 _OPEN, _CLOSE = -1.0, 1.0
 
 
@@ -45,6 +50,8 @@ class _Style:
   shove_step: int | None  # Step of the approach at which a random shove starts (or none).
   shove: np.ndarray  # (3,) translation action added during the shove.
   shove_steps: int
+  fumble: np.ndarray | None  # (3,) metres from the grasp point where the first grasp closes.
+  fumble_lift_steps: int  # Steps the fumbled grasp lifts before the expert notices.
 
 
 def orientation_error(target_xyzw: np.ndarray, current_xyzw: np.ndarray) -> np.ndarray:
@@ -76,9 +83,11 @@ class ExpertAction(NamedTuple):
 class LiftExpert:
   """`reset()` at the start of each episode, then `act(obs)` every step."""
 
-  def __init__(self, rng: np.random.Generator, shove_probability: float = 0.3):
+  def __init__(self, rng: np.random.Generator, shove_probability: float = 0.3,
+               fumble_probability: float = 0.3):
     self._rng = rng
     self._shove_probability = shove_probability
+    self._fumble_probability = fumble_probability
     self.reset()
 
   def reset(self) -> None:
@@ -98,12 +107,23 @@ class LiftExpert:
         shove_step=int(rng.integers(2, 12)) if rng.random() < self._shove_probability else None,
         shove=rng.uniform(0.5, 1.0) * shove / np.linalg.norm(shove),
         shove_steps=int(rng.integers(3, 7)),
+        fumble=self._draw_fumble() if rng.random() < self._fumble_probability else None,
+        fumble_lift_steps=int(rng.integers(3, 10)),
     )
-    self._phase = 'hover'
-    self._phase_steps = 0
+    self._set_phase('hover')
     self._step = 0
     self._grasp_z = None
+    self._fumble_pending = self._style.fumble is not None
     self.num_regrasps = 0
+
+  def _draw_fumble(self) -> np.ndarray:
+    """A grasp point that misses: beside the cube across the fingers' closing line (y), or
+    above it."""
+    rng = self._rng
+    if rng.random() < 0.5:
+      return np.array([rng.choice([-1.0, 1.0]) * rng.uniform(0.035, 0.05),
+                       rng.uniform(-0.01, 0.01), 0.0])
+    return np.array([*rng.uniform(-0.005, 0.005, size=2), rng.uniform(0.045, 0.07)])
 
   @property
   def phase(self) -> str:
@@ -117,22 +137,29 @@ class LiftExpert:
   def _set_phase(self, phase: str) -> None:
     self._phase = phase
     self._phase_steps = 0
+    self._fumble_stage, self._fumble_stage_steps = 'reach', 0
 
   def act(self, obs: dict[str, np.ndarray]) -> ExpertAction:
-    """The executed and label actions for `cube_pos` (3,), `robot0_eef_pos` (3,) and
-    `robot0_eef_quat` (4,)."""
+    """The executed and label actions for `cube_pos` (3,), `robot0_eef_pos` (3,),
+    `robot0_eef_quat` (4,) and `robot0_gripper_qpos` (2,)."""
     style = self._style
     cube = np.asarray(obs['cube_pos'], dtype=np.float64)
     eef = np.asarray(obs['robot0_eef_pos'], dtype=np.float64)
+    grip_gap = float(obs['robot0_gripper_qpos'][0] - obs['robot0_gripper_qpos'][1])
     turn = _ROTATION_GAIN * orientation_error(TOP_DOWN_QUAT, obs['robot0_eef_quat'])
     grasp_point = cube + np.array([0.0, 0.0, style.grasp_offset])
+    hover_point = cube + np.array([0.0, 0.0, style.hover_height])
     gripper = _OPEN
+    executed = None  # The label's move and gripper, unless a fumble executes something else.
 
     if self._phase == 'hover':
-      target = cube + np.array([0.0, 0.0, style.hover_height])
-      move = self._goto(target, eef)
-      if np.linalg.norm((target - eef)[:2]) < 0.01 and abs(target[2] - eef[2]) < 0.02:
-        self._set_phase('descend')
+      move = self._goto(hover_point, eef)
+      if np.linalg.norm((hover_point - eef)[:2]) < 0.01 and abs(hover_point[2] - eef[2]) < 0.02:
+        self._set_phase('fumble' if self._fumble_pending else 'descend')
+    elif self._phase == 'fumble':
+      # Labelled as the recovery from wherever the fumble has taken the gripper.
+      move = self._goto(hover_point, eef)
+      executed = self._fumble_action(grasp_point + style.fumble, eef)
     elif self._phase == 'descend':
       move = self._goto(grasp_point, eef)
       if np.linalg.norm((grasp_point - eef)[:2]) > 0.02:
@@ -150,20 +177,45 @@ class LiftExpert:
       target = np.array([eef[0], eef[1], self._grasp_z + style.lift_height])
       move = self._goto(target, eef)
       move[:2] = 0.0
-      # The cube should rise with the fingers; if it lags far behind, the grasp failed.
-      if eef[2] - cube[2] > 0.04:
-        self.num_regrasps += 1
-        self._set_phase('hover')
-        gripper = _OPEN
+    # Missed: the fingers closed on nothing, or the cube lags far behind the rising fingers.
+    if self._phase in ('close', 'lift') and (
+        (self._phase_steps > 2 and grip_gap < _EMPTY_GRIP_GAP) or
+        (self._phase == 'lift' and eef[2] - cube[2] > 0.04)):
+      self.num_regrasps += 1
+      self._set_phase('hover')
+      move = self._goto(hover_point, eef)
+      gripper = _OPEN
 
     label = np.concatenate([move, turn / _RADIANS_PER_UNIT, [gripper]])
-    perturbation = np.zeros(7)
+    executed = label.copy() if executed is None else np.concatenate(
+        [executed[:3], label[3:6], executed[3:]])
     if (style.shove_step is not None and self._phase == 'hover' and
         style.shove_step <= self._step < style.shove_step + style.shove_steps):
-      perturbation[:3] += style.shove
-    perturbation[:3] += self._rng.normal(scale=style.noise_std, size=3)
-    perturbation[3:6] = self._rng.normal(scale=style.rot_noise_std, size=3)
+      executed[:3] += style.shove
+    executed[:3] += self._rng.normal(scale=style.noise_std, size=3)
+    executed[3:6] += self._rng.normal(scale=style.rot_noise_std, size=3)
     self._step += 1
     self._phase_steps += 1
     clip = lambda action: np.clip(action, -1.0, 1.0).astype(np.float32)
-    return ExpertAction(executed=clip(label + perturbation), label=clip(label))
+    return ExpertAction(executed=clip(executed), label=clip(label))
+
+  def _fumble_action(self, fumble_point: np.ndarray, eef: np.ndarray) -> np.ndarray:
+    """(4,) executed move and gripper of the fumble: reach the fumble point, close there, lift;
+    then hand back to the hover phase."""
+    style = self._style
+    if self._fumble_stage == 'reach':
+      move, gripper = self._goto(fumble_point, eef), _OPEN
+      if np.linalg.norm(fumble_point - eef) < 0.008 or self._phase_steps >= 25:
+        self._fumble_stage, self._fumble_stage_steps = 'close', 0
+    elif self._fumble_stage == 'close':
+      move, gripper = self._goto(fumble_point, eef), _CLOSE
+      if self._fumble_stage_steps >= style.close_steps:
+        self._fumble_stage, self._fumble_stage_steps = 'lift', 0
+    else:
+      move, gripper = np.array([0.0, 0.0, style.max_speed]), _CLOSE
+      if self._fumble_stage_steps >= style.fumble_lift_steps:
+        self._fumble_pending = False
+        self.num_regrasps += 1
+        self._set_phase('hover')
+    self._fumble_stage_steps += 1
+    return np.concatenate([move, [gripper]])

@@ -435,10 +435,12 @@ def evaluate_policy(policy, variables, config, *, rng: jax.Array,
                     dataset_path: str | None = None, video_dir: str | None = None,
                     video_episodes: int | None = None, sampler: str | None = None,
                     num_inference_steps: int | None = None,
+                    n_action_steps: int | None = None,
                     progress: bool = True) -> dict[str, Any]:
   """Evaluates a `DiffusionPolicy` with `variables` (use the EMA parameters) in Lift.
 
-  Unset arguments come from `config.eval`, and the sampler's from the policy.
+  Unset arguments come from `config.eval`, and the sampler's and `n_action_steps` (actions
+  executed per prediction) from the policy.
 
   Returns:
     {'config_name', 'settings', 'test': aggregate, 'train': aggregate | None, 'timing',
@@ -452,8 +454,9 @@ def evaluate_policy(policy, variables, config, *, rng: jax.Array,
                               video_episodes=video_episodes)
   sampler = sampler or policy.sampler
   num_inference_steps = num_inference_steps or policy.num_inference_steps
-  policy_fn = DiffusionPolicyFn(with_sampler(policy, config, sampler, num_inference_steps),
-                               variables)
+  n_action_steps = n_action_steps or policy.n_action_steps
+  policy_fn = DiffusionPolicyFn(
+      with_sampling(policy, config, sampler, num_inference_steps, n_action_steps), variables)
   return evaluate(policy_fn, config, rng=rng, n_obs_steps=policy_fn.n_obs_steps,
                   n_action_steps=policy_fn.n_action_steps, obs_keys=policy_fn.obs_keys,
                   settings=settings, dataset_path=dataset_path, video_dir=video_dir,
@@ -489,14 +492,18 @@ def evaluate_expert(config, *, seed: int = 0, num_episodes: int | None = None,
                   extra={'policy': 'expert', 'use_cameras': use_cameras})
 
 
-def with_sampler(policy, config, sampler: str, num_inference_steps: int):
-  """`policy` itself when it already samples this way, else an equivalent policy that does."""
-  if sampler == policy.sampler and num_inference_steps == policy.num_inference_steps:
+def with_sampling(policy, config, sampler: str, num_inference_steps: int,
+                  n_action_steps: int):
+  """`policy` itself when it already samples and executes this way, else an equivalent policy
+  (same network and parameters) that does."""
+  if (sampler, num_inference_steps, n_action_steps) == (
+      policy.sampler, policy.num_inference_steps, policy.n_action_steps):
     return policy
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.diffusion.sampler = sampler
     config.diffusion.num_inference_steps = num_inference_steps
+    config.task.n_action_steps = n_action_steps
   return DiffusionPolicy(config, policy.shape_meta, policy.normalizer)
 
 
