@@ -168,17 +168,17 @@ def get_config(arg=None):
 def _cpu(config):
   """Departures from the paper values so that training fits a 2-core CPU in under an hour.
 
-  Sized by measured costs on a 2-core CPU: 150 demos (8.3 min to generate at 18 demos/min);
-  ResNet width 16 and a 4-layer 128-wide transformer (447 ms per batch-64 step vs 3.8 s for the
-  paper network); batch 32 and 20 epochs (4,820 steps at ~3.3 steps/s, 24 min); a higher
-  learning rate for the short schedule; lighter attention dropout for the smaller model;
-  DDIM-16 sampling for rollouts (for one policy DDPM-100 gave 0.60 on 30 test episodes vs 0.56
-  with DDIM-16 on 50, at 3× the policy time). A rollout mid-way and at the end (each 50
-  episodes costs 2.5–5 min). What decided the numbers: the demos matter most — with labels
-  free of the expert's noise, the gripper held top-down and fumbled first grasps that show the
-  recovery (demos v4), 100 demos gave 0.94 after 15 epochs and 0.86 after 30 (0.88 and 0.88 for
-  both checkpoints with another sampling seed): more epochs did not help, so the time went into
-  50 more demos instead (0.94 / 0.90 after 20 epochs, seeds 42 / 1). Executing 4 instead of 8
+  Sized by measured costs on a 2-core CPU: 150 demos (8.3 min to generate at 18 demos/min); ResNet
+  width 16 and a 4-layer 128-wide transformer (447–674 ms per batch-64 step on the two CPUs
+  measured, vs 3.8–4.3 s for the paper network); batch 32 and 20 epochs (4,820 steps at ~3.3
+  steps/s, 24 min); a higher learning rate for the short schedule; lighter attention dropout for
+  the smaller model; DDIM-16 sampling for rollouts (for one policy DDPM-100 gave 0.60 on 30 test
+  episodes vs 0.56 with DDIM-16 on 50, at 3× the policy time). A rollout mid-way and at the end
+  (each 50 episodes costs 2.5–5 min). What decided the numbers: the demos matter most — with
+  labels free of the expert's noise, the gripper held top-down and fumbled first grasps that show
+  the recovery (demos v4), 100 demos gave 0.94 after 15 epochs and 0.86 after 30 (0.88 and 0.88
+  for both checkpoints with another sampling seed): more epochs did not help, so the time went
+  into 50 more demos instead (0.94 / 0.90 after 20 epochs, seeds 42 / 1). Executing 4 instead of 8
   actions per prediction gave 0.66 vs 0.80 for a v3 policy.
   """
   config.data.num_demos = 150

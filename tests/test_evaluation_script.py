@@ -29,8 +29,8 @@ def test_eval_script_on_a_smoke_trained_checkpoint(tmp_path):
   output_dir = tmp_path / 'eval'
   stdout = _run(['scripts/eval.py', '--workdir', str(workdir), '--num_episodes', '1',
                  '--num_envs', '1', '--video_episodes', '1', '--sampler', 'ddim',
-                 '--num_inference_steps', '2', '--n_action_steps', '4', '--output_dir', str(output_dir),
-                 '--no_progress'], timeout=300)
+                 '--num_inference_steps', '2', '--n_action_steps', '4',
+                 '--output_dir', str(output_dir), '--no_progress'], timeout=300)
 
   assert 'evaluation of lift_smoke (diffusion, 1 envs)' in stdout
   result = json.loads((output_dir / 'eval.json').read_text())

@@ -150,7 +150,7 @@ class LiftExpert:
     grasp_point = cube + np.array([0.0, 0.0, style.grasp_offset])
     hover_point = cube + np.array([0.0, 0.0, style.hover_height])
     gripper = _OPEN
-    executed = None  # The label's move and gripper, unless a fumble executes something else.
+    fumble = None  # (4,) move and gripper a fumble executes instead of the label's.
 
     if self._phase == 'hover':
       move = self._goto(hover_point, eef)
@@ -159,7 +159,7 @@ class LiftExpert:
     elif self._phase == 'fumble':
       # Labelled as the recovery from wherever the fumble has taken the gripper.
       move = self._goto(hover_point, eef)
-      executed = self._fumble_action(grasp_point + style.fumble, eef)
+      fumble = self._fumble_action(grasp_point + style.fumble, eef)
     elif self._phase == 'descend':
       move = self._goto(grasp_point, eef)
       if np.linalg.norm((grasp_point - eef)[:2]) > 0.02:
@@ -187,8 +187,9 @@ class LiftExpert:
       gripper = _OPEN
 
     label = np.concatenate([move, turn / _RADIANS_PER_UNIT, [gripper]])
-    executed = label.copy() if executed is None else np.concatenate(
-        [executed[:3], label[3:6], executed[3:]])
+    executed = label.copy()
+    if fumble is not None:
+      executed[:3], executed[6] = fumble[:3], fumble[3]
     if (style.shove_step is not None and self._phase == 'hover' and
         style.shove_step <= self._step < style.shove_step + style.shove_steps):
       executed[:3] += style.shove
