@@ -3,6 +3,7 @@
     python scripts/benchmark.py                       # everything, full-size models
     python scripts/benchmark.py --only predict,train  # a selection
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
+    python scripts/benchmark.py --only torch_reference  # the same work in PyTorch, this machine
 
 Prints one JSON document and writes it to `--output` (default `benchmark.json`). Each time is
 the median of `--repeats` timed runs after a warm-up call; compilation is timed separately.
@@ -33,7 +34,8 @@ from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
 
-FIGURES = ('predict', 'train', 'pipeline', 'env')
+FIGURES = ('predict', 'train', 'pipeline', 'env', 'torch_reference')
+DEFAULT_FIGURES = FIGURES[:4]  # torch_reference needs torch (requirements-test.txt).
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
@@ -266,6 +268,17 @@ def bench_env(args) -> dict[str, Any]:
           'startup_s': startup_s}
 
 
+def bench_torch_reference(args) -> dict[str, Any]:
+  """The reference's predict_action (DDPM-100) and training step in PyTorch (torch_reference.py),
+  on all cores: the comparison the speed targets are stated against, measured here."""
+  import torch_reference  # pylint: disable=g-import-not-at-top  # torch: requirements-test.txt
+  config = _variant('default', args.quick)
+  return torch_reference.benchmark(
+      config, predict_batches=(1, 2) if args.quick else (1, 28),
+      predict_steps=int(config.diffusion.num_train_timesteps), train_batch=4 if args.quick else 64,
+      repeats=args.repeats, threads=os.cpu_count() or 1)
+
+
 def system_info() -> dict[str, Any]:
   device = jax.devices()[0]
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -295,8 +308,8 @@ def peak_memory() -> dict[str, Any]:
 
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--only', default=','.join(FIGURES),
-                      help=f'comma-separated subset of {FIGURES}')
+  parser.add_argument('--only', default=','.join(DEFAULT_FIGURES),
+                      help=f'comma-separated subset of {FIGURES} (default: {DEFAULT_FIGURES})')
   parser.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run')
   parser.add_argument('--repeats', type=int, default=None,
                       help='timed repetitions per figure (default 5, quick 2)')
@@ -312,7 +325,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.error(f'--only: unknown figure(s) {unknown}; choose from {FIGURES}')
 
   benches = {'predict': bench_predict, 'train': bench_train, 'pipeline': bench_pipeline,
-             'env': bench_env}
+             'env': bench_env, 'torch_reference': bench_torch_reference}
   report: dict[str, Any] = {'system': system_info(), 'quick': args.quick,
                             'repeats': args.repeats}
   for name in selected:

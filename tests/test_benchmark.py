@@ -12,7 +12,8 @@ def test_quick_benchmark_reports_every_field(tmp_path):
   output = tmp_path / 'bench.json'
   env = dict(os.environ, MUJOCO_GL=os.environ.get('MUJOCO_GL', 'egl'))
   subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick',
-                  '--output', str(output)], check=True, cwd=tmp_path, env=env, timeout=900)
+                  '--only', 'predict,train,pipeline,env,torch_reference', '--output', str(output)],
+                 check=True, cwd=tmp_path, env=env, timeout=900)
   report = json.loads(output.read_text())
 
   assert report['quick'] is True
@@ -36,3 +37,8 @@ def test_quick_benchmark_reports_every_field(tmp_path):
   assert report['pipeline']['batches_per_s'] > 0
   assert report['env']['env_steps_per_s'] > 0 and report['env']['env_steps'] > 0
   assert report['memory']['host_max_rss_bytes'] > 0
+
+  torch_reference = report['torch_reference']
+  assert torch_reference['num_params'] > 0 and torch_reference['threads'] >= 1
+  for name in ('predict_ddpm10_batch1', 'predict_ddpm10_batch2', 'train_batch4'):
+    assert torch_reference[name]['median_s'] > 0, name

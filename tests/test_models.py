@@ -16,7 +16,8 @@ from dpjax.models import param_groups
 from dpjax.models import transformer as transformer_lib
 from dpjax.models.obs_encoder import (ImageEncoder, ObservationEncoder, SpatialSoftmax,
                                       crop_images, output_dim)
-from dpjax.models.resnet import ResNet18
+from dpjax.models import resnet
+from dpjax.models.resnet import ResNet18, conv_method
 from dpjax.models.transformer import TransformerForDiffusion, attention_masks
 
 LIFT = ShapeMeta.from_config(get_config().task.shape_meta)
@@ -529,8 +530,11 @@ def test_spatial_softmax_keypoint_order_and_grid():
 
 
 def _torch_resnet18(params, images):
-  """torchvision's resnet18 forward (without avgpool/fc, BatchNorm → GroupNorm C/16)."""
-  t = lambda a: torch.from_numpy(np.array(a))
+  """torchvision's resnet18 forward (without avgpool/fc, BatchNorm → GroupNorm C/16).
+
+  params: our parameter tree, its leaves arrays or torch tensors (for gradients); returns the
+  NHWC output as a torch tensor."""
+  t = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
   conv = lambda x, p, stride, pad: F.conv2d(x, t(p['kernel']).permute(3, 2, 0, 1),
                                             stride=stride, padding=pad)
   gn = lambda x, p: F.group_norm(x, max(1, x.shape[1] // 16), t(p['scale']), t(p['bias']),
@@ -546,7 +550,7 @@ def _torch_resnet18(params, images):
       if 'downsample_conv' in p:
         x = gn(conv(x, p['downsample_conv'], stride, 0), p['downsample_norm'])
       x = F.relu(y + x)
-  return x.permute(0, 2, 3, 1).numpy()
+  return x.permute(0, 2, 3, 1)
 
 
 def test_resnet18_group_norm_matches_torch():
@@ -556,7 +560,50 @@ def test_resnet18_group_norm_matches_torch():
   params = _random_params(jax.eval_shape(model.init, jax.random.key(1), images))['params']
   ours = np.asarray(jax.jit(model.apply)({'params': params}, images))
   assert ours.shape == (2, 2, 2, 128)
-  np.testing.assert_allclose(ours, _torch_resnet18(params, images), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(ours, _torch_resnet18(params, images).numpy(), atol=1e-4,
+                             rtol=1e-4)
+
+
+def test_resnet18_parameter_gradients_match_torch(monkeypatch):
+  # Paper width: stage 1 (17×17×64 here) takes the GEMM kernel gradient, stage 4 (3×3) the tap
+  # GEMMs (allowed here for 2 images), the stem's max-pool the first-maximum backward; every
+  # parameter's gradient is checked against torch autograd.
+  monkeypatch.setattr(resnet, 'TAP_GEMMS_MIN_IMAGES', 1)
+  model = ResNet18(64)
+  images = jax.random.uniform(jax.random.key(0), (2, 68, 68, 3), minval=-1.0, maxval=1.0)
+  params = _random_params(jax.eval_shape(model.init, jax.random.key(1), images))['params']
+  jaxpr = str(jax.make_jaxpr(model.apply)({'params': params}, images))
+  assert jaxpr.count('custom_vjp_call') == 7  # Max-pool + 4 stage-1 convs + 2 reading stage 1.
+  cotangent = np.random.default_rng(0).normal(size=(2, 3, 3, 512)).astype(np.float32)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, images) * cotangent)))(
+      params)
+
+  torch_params = jax.tree_util.tree_map(
+      lambda a: torch.from_numpy(np.array(a)).requires_grad_(), params)
+  (_torch_resnet18(torch_params, images) * torch.from_numpy(cotangent)).sum().backward()
+  for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                  jax.tree_util.tree_leaves(torch_params)):
+    scale = float(np.abs(theirs.grad.numpy()).max())
+    np.testing.assert_allclose(ours, theirs.grad.numpy(), atol=1e-4 * scale, rtol=1e-3,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_conv_method_per_layer_of_the_lift_resnets():
+  # 76×76 crops: stem 76² → stage 1 at 19², stage 4 at 3². Paper width (64) on CPU: stage-1
+  # inputs get the GEMM kernel gradient, stage 4's stride-1 convs the tap GEMMs (from 32
+  # images on); width 16
+  # (cpu variant) keeps XLA's convolution before stage 4; other backends always do.
+  assert conv_method((128, 76, 76, 3), 2, 'cpu') == 'xla'
+  assert conv_method((128, 19, 19, 64), 1, 'cpu') == 'gemm_kernel_grad'
+  assert conv_method((128, 19, 19, 64), 2, 'cpu') == 'gemm_kernel_grad'
+  assert conv_method((128, 19, 19, 16), 1, 'cpu') == 'xla'
+  assert conv_method((128, 10, 10, 128), 1, 'cpu') == 'xla'
+  assert conv_method((128, 5, 5, 256), 2, 'cpu') == 'xla'
+  assert conv_method((128, 3, 3, 512), 1, 'cpu') == 'tap_gemms'
+  assert conv_method((128, 3, 3, 128), 1, 'cpu') == 'tap_gemms'
+  assert conv_method((4, 3, 3, 512), 1, 'cpu') == 'xla'  # Batch-1 sampling: 4 images.
+  assert conv_method((128, 3, 3, 512), 1, 'gpu') == 'xla'
+  assert conv_method((128, 19, 19, 64), 1, 'gpu') == 'xla'
 
 
 def test_image_encoder_init_follows_torch_defaults():

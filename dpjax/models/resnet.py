@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models import conv_ops
+
 GROUP_NORM_EPS = 1e-5
 CHANNELS_PER_GROUP = 16
 
@@ -61,12 +63,47 @@ class GroupNorm(nn.Module):
     return (xf * a + b).astype(self.dtype)
 
 
-def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Conv:
-  """Bias-free conv with torch's padding (kernel // 2 on each side)."""
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 kernel_init=conv_kernel_init, name=name)
+# On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
+# XLA's own kernel gradient is slow for wide, high-resolution layers (stage 1 of the paper-sized
+# ResNet: 19×19×64); tiny maps (the last stage's 3×3) waste 40 % of the products on padding,
+# which pays to skip from a few dozen images on (a training batch, not batch-1 sampling); the
+# rest is fastest left to XLA.
+GEMM_KERNEL_GRAD_MIN_CHANNELS = 64
+GEMM_KERNEL_GRAD_MIN_PIXELS = 16 * 16
+TAP_GEMMS_MAX_SIDE = 4
+TAP_GEMMS_MIN_IMAGES = 32
+
+
+def conv_method(input_shape: tuple[int, ...], strides: int, backend: str) -> str:
+  """The conv_ops.conv2d method for an (N, H, W, C) input on this backend."""
+  n, h, w, c = input_shape
+  if backend != 'cpu':
+    return 'xla'
+  if strides == 1 and max(h, w) <= TAP_GEMMS_MAX_SIDE and n >= TAP_GEMMS_MIN_IMAGES:
+    return 'tap_gemms'
+  if c >= GEMM_KERNEL_GRAD_MIN_CHANNELS and h * w >= GEMM_KERNEL_GRAD_MIN_PIXELS:
+    return 'gemm_kernel_grad'
+  return 'xla'
+
+
+class Conv(nn.Module):
+  """Bias-free conv with torch's padding (kernel // 2 on each side); params as nn.Conv's."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', conv_kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    method = conv_method(x.shape, self.strides, jax.default_backend())
+    return conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, method)
+
+
+def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> Conv:
+  return Conv(features, kernel, strides, dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -105,7 +142,7 @@ class ResNet18(nn.Module):
     x = images.astype(self.dtype)
     x = _conv(self.width, 7, 2, self.dtype, 'conv1')(x)
     x = nn.relu(GroupNorm(group_norm_groups(self.width), dtype=self.dtype, name='norm1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = conv_ops.max_pool_3x3_stride2(x)
     for stage, multiplier in enumerate((1, 2, 4, 8)):
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1
