@@ -1,6 +1,6 @@
 """Speed and memory of every hot path: sampling, the training step, the input pipeline, the envs.
 
-    python scripts/benchmark.py                       # everything, full-size models
+    python scripts/benchmark.py                       # all but torch_reference, full size
     python scripts/benchmark.py --only predict,train  # a selection
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
     python scripts/benchmark.py --only torch_reference  # the same work in PyTorch, this machine
@@ -34,8 +34,8 @@ from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
 
-FIGURES = ('predict', 'train', 'pipeline', 'env', 'torch_reference')
-DEFAULT_FIGURES = FIGURES[:4]  # torch_reference needs torch (requirements-test.txt).
+FIGURES = ('predict', 'train', 'encoder', 'pipeline', 'env', 'torch_reference')
+DEFAULT_FIGURES = FIGURES[:5]  # torch_reference needs torch (requirements-test.txt).
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
@@ -206,6 +206,23 @@ def bench_train(args) -> dict[str, Any]:
   return {'results': results}
 
 
+def bench_encoder(args) -> dict[str, Any]:
+  """One camera's ResNet-18 trunk, forward and forward+backward (parameter gradients), on the
+  images of a batch-64 training step (128 crops): the part of the step that dominates on CPU."""
+  from dpjax.models.resnet import ResNet18  # pylint: disable=g-import-not-at-top
+  config = _variant('default', args.quick)
+  images = 8 if args.quick else 128
+  width = int(config.model.resnet_width)
+  x = jax.random.uniform(jax.random.key(0), (images,) + tuple(config.data.crop_shape) + (3,))
+  model = ResNet18(width)
+  variables = jax.jit(model.init)(jax.random.key(1), x[:1])
+  loss = lambda v, x: jnp.sum(jnp.square(model.apply(v, x)))
+  return {'images': images, 'resnet_width': width,
+          'forward': _timed_program(jax.jit(model.apply), (variables, x), args.repeats),
+          'forward_backward': _timed_program(jax.jit(jax.grad(loss)), (variables, x),
+                                             args.repeats)}
+
+
 def _synthetic_store(shape_meta: ShapeMeta, num_episodes: int, length: int):
   """An in-memory episode store of random data shaped like the Lift demos."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -324,8 +341,9 @@ def main(argv=None) -> dict[str, Any]:
   if unknown:
     parser.error(f'--only: unknown figure(s) {unknown}; choose from {FIGURES}')
 
-  benches = {'predict': bench_predict, 'train': bench_train, 'pipeline': bench_pipeline,
-             'env': bench_env, 'torch_reference': bench_torch_reference}
+  benches = {'predict': bench_predict, 'train': bench_train, 'encoder': bench_encoder,
+             'pipeline': bench_pipeline, 'env': bench_env,
+             'torch_reference': bench_torch_reference}
   report: dict[str, Any] = {'system': system_info(), 'quick': args.quick,
                             'repeats': args.repeats}
   for name in selected:

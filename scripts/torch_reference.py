@@ -175,7 +175,8 @@ def _median(fn, repeats: int) -> tuple[float, list[float]]:
 
 def benchmark(config, predict_batches, predict_steps: int, train_batch: int, repeats: int,
               threads: int) -> dict[str, Any]:
-  """Median times of the reference's predict_action and training step (AdamW + EMA)."""
+  """Median times of the reference's predict_action, training step (AdamW + EMA) and one
+  camera's ResNet trunk on the training step's images (benchmark.py's `encoder` figure)."""
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   policy = ReferencePolicy(config)
@@ -204,6 +205,20 @@ def benchmark(config, predict_batches, predict_steps: int, train_batch: int, rep
   median, times = _median(train_step, repeats)
   results[f'train_batch{train_batch}'] = {'median_s': median, 'times_s': times,
                                           'samples_per_s': train_batch / median}
+
+  trunk = policy.cameras[0].trunk
+  crops = images[0]
+
+  def trunk_forward_backward():
+    trunk.zero_grad(set_to_none=True)
+    trunk(crops).square().sum().backward()
+
+  with torch.no_grad():
+    median, times = _median(lambda: trunk(crops), repeats)
+  results['encoder_forward'] = {'images': len(crops), 'median_s': median, 'times_s': times}
+  median, times = _median(trunk_forward_backward, repeats)
+  results['encoder_forward_backward'] = {'images': len(crops), 'median_s': median,
+                                         'times_s': times}
   return results
 
 

@@ -11,8 +11,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_benchmark_reports_every_field(tmp_path):
   output = tmp_path / 'bench.json'
   env = dict(os.environ, MUJOCO_GL=os.environ.get('MUJOCO_GL', 'egl'))
+  figures = 'predict,train,encoder,pipeline,env,torch_reference'
   subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick',
-                  '--only', 'predict,train,pipeline,env,torch_reference', '--output', str(output)],
+                  '--only', figures, '--output', str(output)],
                  check=True, cwd=tmp_path, env=env, timeout=900)
   report = json.loads(output.read_text())
 
@@ -34,11 +35,14 @@ def test_quick_benchmark_reports_every_field(tmp_path):
     assert result['median_s'] > 0 and result['samples_per_s'] > 0, name
     assert result['flops'] > 0, name
 
+  for name in ('forward', 'forward_backward'):
+    assert report['encoder'][name]['median_s'] > 0 and report['encoder'][name]['flops'] > 0, name
   assert report['pipeline']['batches_per_s'] > 0
   assert report['env']['env_steps_per_s'] > 0 and report['env']['env_steps'] > 0
   assert report['memory']['host_max_rss_bytes'] > 0
 
   torch_reference = report['torch_reference']
   assert torch_reference['num_params'] > 0 and torch_reference['threads'] >= 1
-  for name in ('predict_ddpm10_batch1', 'predict_ddpm10_batch2', 'train_batch4'):
+  for name in ('predict_ddpm10_batch1', 'predict_ddpm10_batch2', 'train_batch4',
+               'encoder_forward', 'encoder_forward_backward'):
     assert torch_reference[name]['median_s'] > 0, name
