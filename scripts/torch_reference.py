@@ -17,7 +17,6 @@ import statistics
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -220,7 +219,3 @@ def benchmark(config, predict_batches, predict_steps: int, train_batch: int, rep
   results['encoder_forward_backward'] = {'images': len(crops), 'median_s': median,
                                          'times_s': times}
   return results
-
-
-if __name__ == '__main__':
-  raise SystemExit('run it through scripts/benchmark.py --only torch_reference')

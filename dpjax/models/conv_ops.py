@@ -37,14 +37,22 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
                                       dimension_numbers=_DIMENSIONS)
 
 
-def _patches(x: jax.Array, kernel_size: int, stride: int, out_h: int, out_w: int) -> jax.Array:
+def _windows(x: jax.Array, kernel_size: int, stride: int, pad_value: float) -> list[jax.Array]:
+  """The k·k strided views of `x` padded by k // 2 with `pad_value`, one per kernel offset in
+  row-major order: view (i, j)[n, r, c] is the input under offset (i, j) of output pixel (r, c)."""
+  h, w = x.shape[1:3]
+  (pad, _), _ = _same_padding(kernel_size)
+  out_h = (h + 2 * pad - kernel_size) // stride + 1
+  out_w = (w + 2 * pad - kernel_size) // stride + 1
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=pad_value)
+  return [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+          for i in range(kernel_size) for j in range(kernel_size)]
+
+
+def _patches(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
   """(N, H, W, C) → (N·out_h·out_w, k·k·C): row r holds output pixel r's receptive field,
   ordered (kernel row, kernel column, channel) like an HWIO kernel's first three axes."""
-  (pad, _), _ = _same_padding(kernel_size)
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  windows = [padded[:, i:i + stride * (out_h - 1) + 1:stride,
-                    j:j + stride * (out_w - 1) + 1:stride]
-             for i in range(kernel_size) for j in range(kernel_size)]
+  windows = _windows(x, kernel_size, stride, 0.0)
   return jnp.concatenate(windows, axis=-1).reshape(-1, kernel_size * kernel_size * x.shape[-1])
 
 
@@ -59,10 +67,9 @@ def _conv_forward(x, kernel, stride):
 
 def _conv_backward(stride, residuals, grad):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda inputs: _xla_conv(inputs, kernel, stride), x)
-  (grad_x,) = input_vjp(grad)
+  (grad_x,) = jax.linear_transpose(lambda inputs: _xla_conv(inputs, kernel, stride), x)(grad)
   n, out_h, out_w, out_c = grad.shape
-  patches = _patches(x, kernel.shape[0], stride, out_h, out_w)
+  patches = _patches(x, kernel.shape[0], stride)
   # (C_out, M) @ (M, k·k·C_in), transposed: the faster operand order for XLA:CPU here.
   grad_kernel = (grad.reshape(n * out_h * out_w, out_c).T @ patches).T
   return grad_x, grad_kernel.reshape(kernel.shape)
@@ -113,18 +120,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') ->
   return _xla_conv(x, kernel, stride)
 
 
-_POOL_WINDOW, _POOL_STRIDE, _POOL_PAD = 3, 2, 1
-
-
-def _pool_windows(x: jax.Array) -> list[jax.Array]:
-  """The 9 strided views of the −∞-padded input, one per window offset, row-major."""
-  n, h, w, c = x.shape
-  out_h, out_w = (h - 1) // _POOL_STRIDE + 1, (w - 1) // _POOL_STRIDE + 1
-  pad = _POOL_PAD
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-  return [padded[:, i:i + _POOL_STRIDE * (out_h - 1) + 1:_POOL_STRIDE,
-                 j:j + _POOL_STRIDE * (out_w - 1) + 1:_POOL_STRIDE]
-          for i in range(_POOL_WINDOW) for j in range(_POOL_WINDOW)]
+_POOL_WINDOW, _POOL_STRIDE, _POOL_PAD = 3, 2, 1  # _POOL_PAD = _POOL_WINDOW // 2, as _windows.
 
 
 def _max_pool_forward_only(x: jax.Array) -> jax.Array:
@@ -145,7 +141,7 @@ def _pool_forward(x):
 
 
 def _pool_backward(x, grad):
-  windows = _pool_windows(x)
+  windows = _windows(x, _POOL_WINDOW, _POOL_STRIDE, -jnp.inf)
   best, first_argmax = windows[0], jnp.zeros(windows[0].shape, jnp.int32)
   for offset, window in enumerate(windows[1:], start=1):
     larger = window > best  # Strict: ties keep the earlier offset, as torch does.

@@ -102,10 +102,6 @@ class Conv(nn.Module):
     return conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, method)
 
 
-def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> Conv:
-  return Conv(features, kernel, strides, dtype, name=name)
-
-
 class BasicBlock(nn.Module):
   """torchvision BasicBlock: 3×3 conv–GN–ReLU–3×3 conv–GN, plus (projected) identity, ReLU."""
   features: int
@@ -115,13 +111,14 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     groups = group_norm_groups(self.features)
-    y = _conv(self.features, 3, self.strides, self.dtype, 'conv1')(x)
+    y = Conv(self.features, 3, self.strides, self.dtype, name='conv1')(x)
     y = nn.relu(GroupNorm(groups, dtype=self.dtype, name='norm1')(y))
-    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = Conv(self.features, 3, 1, self.dtype, name='conv2')(y)
     y = GroupNorm(groups, dtype=self.dtype, name='norm2')(y)
     residual = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      residual = _conv(self.features, 1, self.strides, self.dtype, 'downsample_conv')(x)
+      residual = Conv(self.features, 1, self.strides, self.dtype,
+                      name='downsample_conv')(x)
       residual = GroupNorm(groups, dtype=self.dtype, name='downsample_norm')(residual)
     return nn.relu(y + residual)
 
@@ -140,7 +137,7 @@ class ResNet18(nn.Module):
     if images.ndim != 4:
       raise ValueError(f'ResNet18: expected images (N, H, W, C), got shape {images.shape}')
     x = images.astype(self.dtype)
-    x = _conv(self.width, 7, 2, self.dtype, 'conv1')(x)
+    x = Conv(self.width, 7, 2, self.dtype, name='conv1')(x)
     x = nn.relu(GroupNorm(group_norm_groups(self.width), dtype=self.dtype, name='norm1')(x))
     x = conv_ops.max_pool_3x3_stride2(x)
     for stage, multiplier in enumerate((1, 2, 4, 8)):
