@@ -18,7 +18,8 @@ def test_quick_benchmark_reports_every_field(tmp_path):
   report = json.loads(output.read_text())
 
   assert report['quick'] is True
-  for key in ('device_kind', 'platform', 'device_count', 'jax', 'jaxlib', 'cpu_count', 'threads'):
+  for key in ('device_kind', 'platform', 'device_count', 'jax', 'jaxlib', 'cpu_count', 'threads',
+              'cpu_kernels'):
     assert key in report['system'], key
 
   predict = report['predict']['results']

@@ -17,6 +17,7 @@ pos_emb N(0, 0.02), cond_pos_emb N(0, 0.02) when observations condition (zeros o
 as the reference leaves it).
 """
 
+import functools
 import math
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -25,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpjax.models import cpu_kernels
 
 LAYER_NORM_EPS = 1e-5
 weight_init = nn.initializers.normal(stddev=0.02)
@@ -296,16 +299,29 @@ class TransformerForDiffusion(nn.Module):
     return b, t
 
 
+class CachedDecoderLayer(NamedTuple):
+  """One decoder layer's Dense weights, packed for this backend by `cpu_kernels.pack_dense`."""
+  self_qkv: cpu_kernels.PackedDense  # Self-attention in-projection, E → 3E.
+  self_out: cpu_kernels.PackedDense
+  cross_q: cpu_kernels.PackedDense  # Cross-attention query projection (first E columns).
+  cross_out: cpu_kernels.PackedDense
+  ffn_in: cpu_kernels.PackedDense
+  ffn_out: cpu_kernels.PackedDense
+
+
 class DecodingCache(NamedTuple):
   """What stays constant across the denoising steps of one sampling call (decoder mode).
 
   With the token-wise condition encoder (n_cond_layers = 0) a memory row depends only on its own
   condition token, so the time token's row depends only on the timestep and the observation rows
-  not at all on it: their cross-attention keys and values are computed once per call.
+  not at all on it: their cross-attention keys and values are computed once per call. The
+  decoder's Dense weights are packed once per call for the CPU kernel (`cpu_kernels`).
   """
   time_kv: jax.Array  # (n_steps, n_layer, 2E): cross-attention [K | V] of the time row per step.
   obs_kv: Optional[jax.Array]  # (n_layer, B, To, 2E) [K | V] of the observation rows, or None.
-  cross_q: tuple[tuple[jax.Array, jax.Array], ...]  # Per layer: query kernel (E, E), bias (E,).
+  input_emb: cpu_kernels.PackedDense
+  layers: tuple[CachedDecoderLayer, ...]
+  head: cpu_kernels.PackedDense
 
 
 def supports_decoding_cache(model: TransformerForDiffusion) -> bool:
@@ -321,6 +337,20 @@ def _linear(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
 def _normalize(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
   """nn.LayerNorm applied with its parameters `p`."""
   return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype).apply({'params': p}, x)
+
+
+def _packed_layer(p: Mapping[str, Any], e: int, dtype: Any) -> CachedDecoderLayer:
+  def pack(kernel, bias):
+    return cpu_kernels.pack_dense(kernel, bias, dtype)
+
+  self_attn, cross_attn = p['self_attn'], p['multihead_attn']
+  return CachedDecoderLayer(
+      self_qkv=pack(self_attn['in_proj_kernel'], self_attn['in_proj_bias']),
+      self_out=pack(**self_attn['out_proj']),
+      cross_q=pack(cross_attn['in_proj_kernel'][:, :e], cross_attn['in_proj_bias'][:e]),
+      cross_out=pack(**cross_attn['out_proj']),
+      ffn_in=pack(**p['ffn']['linear1']),
+      ffn_out=pack(**p['ffn']['linear2']))
 
 
 def decoding_cache(model: TransformerForDiffusion, params: Mapping[str, Any],
@@ -347,18 +377,20 @@ def decoding_cache(model: TransformerForDiffusion, params: Mapping[str, Any],
     kernel = attn_params['in_proj_kernel'][:, e:].astype(dtype)
     return rows @ kernel + attn_params['in_proj_bias'][e:].astype(dtype)
 
-  layers = [params[f'decoder_layers_{i}']['multihead_attn'] for i in range(model.n_layer)]
+  layers = [params[f'decoder_layers_{i}'] for i in range(model.n_layer)]
   time_tokens = sinusoidal_time_embedding(jnp.asarray(timesteps), e).astype(dtype)
   time_memory = memory(time_tokens + cond_pos_emb[0])
-  time_kv = jnp.stack([cross_kv(p, time_memory) for p in layers], axis=1)
+  time_kv = jnp.stack([cross_kv(p['multihead_attn'], time_memory) for p in layers], axis=1)
   obs_kv = None
   if model.obs_as_cond:
     chex.assert_shape(cond, (None, model.n_obs_steps, model.cond_dim))
     obs_memory = memory(_linear(params['cond_obs_emb'], cond, dtype) + cond_pos_emb[1:])
-    obs_kv = jnp.stack([cross_kv(p, obs_memory) for p in layers])
-  cross_q = tuple((p['in_proj_kernel'][:, :e].astype(dtype), p['in_proj_bias'][:e].astype(dtype))
-                  for p in layers)
-  return DecodingCache(time_kv=time_kv, obs_kv=obs_kv, cross_q=cross_q)
+    obs_kv = jnp.stack([cross_kv(p['multihead_attn'], obs_memory) for p in layers])
+  return DecodingCache(
+      time_kv=time_kv, obs_kv=obs_kv,
+      input_emb=cpu_kernels.pack_dense(**params['input_emb'], dtype=dtype),
+      layers=tuple(_packed_layer(p, e, dtype) for p in layers),
+      head=cpu_kernels.pack_dense(**params['head'], dtype=dtype))
 
 
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
@@ -377,21 +409,30 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
   tgt_mask = self_mask[:t, :t] if model.causal_attn else None
   mem_mask = memory_mask[:t] if model.causal_attn and model.obs_as_cond else None
 
-  x = _linear(params['input_emb'], sample, dtype) + params['pos_emb'][:, :t].astype(dtype)
+  if cpu_kernels.enabled(dtype):
+    attend = functools.partial(cpu_kernels.attention, num_heads=h)
+
+    def normalize(p, x):
+      return cpu_kernels.layer_norm(x, p['scale'], p['bias'], LAYER_NORM_EPS)
+  else:
+    attend = functools.partial(_attend, num_heads=h, dtype=dtype)
+    normalize = functools.partial(_normalize, dtype=dtype)
+
+  x = cpu_kernels.dense(cache.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
   time_kv = cache.time_kv[step]
-  for i in range(model.n_layer):
+  for i, dense in enumerate(cache.layers):
     p = params[f'decoder_layers_{i}']
-    y = _normalize(p['norm1'], x, dtype)
-    x = x + MultiheadAttention(h, dtype=dtype).apply({'params': p['self_attn']}, y, None,
-                                                     tgt_mask, False)
-    y = _normalize(p['norm2'], x, dtype)
+    y = normalize(p['norm1'], x)
+    q, k, v = jnp.split(cpu_kernels.dense(dense.self_qkv, y), 3, axis=-1)
+    x = x + cpu_kernels.dense(dense.self_out, attend(q, k, v, mask=tgt_mask))
+    y = normalize(p['norm2'], x)
     kv = jnp.broadcast_to(time_kv[i], (b, 1, 2 * e))
     if cache.obs_kv is not None:
       kv = jnp.concatenate([kv, cache.obs_kv[i]], axis=1)
-    q_kernel, q_bias = cache.cross_q[i]
-    out = _attend(y @ q_kernel + q_bias, kv[..., :e], kv[..., e:], h, mem_mask, dtype)
-    x = x + _linear(p['multihead_attn']['out_proj'], out, dtype)
-    y = _normalize(p['norm3'], x, dtype)
-    x = x + FeedForward(4 * e, 0.0, dtype).apply({'params': p['ffn']}, y, False)
-  x = _normalize(params['ln_f'], x, dtype)
-  return _linear(params['head'], x, dtype).astype(jnp.float32)
+    out = attend(cpu_kernels.dense(dense.cross_q, y), kv[..., :e], kv[..., e:], mask=mem_mask)
+    x = x + cpu_kernels.dense(dense.cross_out, out)
+    y = normalize(p['norm3'], x)
+    hidden = jax.nn.gelu(cpu_kernels.dense(dense.ffn_in, y), approximate=False)
+    x = x + cpu_kernels.dense(dense.ffn_out, hidden)
+  x = normalize(params['ln_f'], x)
+  return cpu_kernels.dense(cache.head, x).astype(jnp.float32)
