@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from configs.lift import get_config
 from dpjax.data.shape_meta import ShapeMeta
+from dpjax.models import cpu_kernels as cpu_kernels_lib
 from dpjax.models import param_groups
 from dpjax.models import transformer as transformer_lib
 from dpjax.models.obs_encoder import (ImageEncoder, ObservationEncoder, SpatialSoftmax,
@@ -663,15 +664,20 @@ def test_param_group_masks_follow_reference_groups():
     param_groups.transformer_decay_mask({'params': {'unknown': {'kernel': jnp.zeros(1)}}})
 
 
+@pytest.mark.parametrize('cpu_kernels', [True, False])
 @pytest.mark.parametrize('obs_as_cond,causal_attn', [(True, True), (True, False),
                                                       (False, True), (False, False)])
-def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn):
-  """The sampler's step-invariant cache gives the module's own eval-mode outputs."""
+def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, cpu_kernels, monkeypatch):
+  """The sampler's step-invariant cache gives the module's own eval-mode outputs, through the
+  CPU kernels and through the XLA ops other backends and dtypes use."""
+  if not cpu_kernels:
+    monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
   model, params, (sample, _, cond) = _small_transformer_with_params(
       cond_dim=5 if obs_as_cond else 0, obs_as_cond=obs_as_cond, causal_attn=causal_attn)
   timesteps = jnp.array([99, 57, 3, 0])
   apply = _jit_apply(model)
   cache = transformer_lib.decoding_cache(model, params['params'], timesteps, cond)
+  assert cache.layers[0].ffn_in.kernel.ndim == (3 if cpu_kernels else 2)
   for step, t in enumerate(timesteps):
     expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
     got = transformer_lib.cached_denoise(model, params['params'], cache, sample,
