@@ -134,8 +134,8 @@ def bench_predict(args) -> dict[str, Any]:
   reuses the step-invariant cross-attention keys and values). It cannot see into custom calls:
   where the decoder's matmuls run in `cpu_kernels`, all num_inference_steps are added.
   """
-  kernel_steps = int(jax.default_backend() == 'cpu' and cpu_kernels.kernels_available())
   config = _variant('default', args.quick)
+  kernel_steps = int(cpu_kernels.enabled(jnp.dtype(config.model.compute_dtype)))
   shape_meta = ShapeMeta.from_config(config.task.shape_meta)
   normalizer = _synthetic_normalizer(shape_meta)
   samplers = (('ddpm', 4), ('ddim', 2)) if args.quick else (('ddpm', 100), ('ddim', 16))
@@ -311,7 +311,7 @@ def system_info() -> dict[str, Any]:
       'threads': {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS',
                                                  'TF_NUM_INTRAOP_THREADS')},
       'date': time.strftime('%Y-%m-%d'),
-      'cpu_kernels': device.platform == 'cpu' and cpu_kernels.kernels_available(),
+      'cpu_kernels': cpu_kernels.enabled(jnp.float32),
   }
   try:
     info['xla_backend_version'] = jax.extend.backend.get_backend().platform_version
