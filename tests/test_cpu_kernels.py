@@ -1,5 +1,6 @@
-"""The CPU sampling kernels (dpjax/models/cpu_kernels.cc): build, values against independent
-formulations (float64 numpy matmul, the XLA attention of the transformer)."""
+"""The CPU kernels (dpjax/models/cpu_kernels.cc): build, values against independent
+formulations (float64 numpy matmuls and tap sums, the XLA attention of the transformer, XLA's
+convolution and its gradients)."""
 
 import flax.linen
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax.models import cpu_kernels
+from dpjax.models import conv_ops, cpu_kernels
 from dpjax.models import transformer
 
 
@@ -136,3 +137,102 @@ def test_layer_norm_equals_flax(shape):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
   with pytest.raises(ValueError, match=r'scale and bias \(E,\), got x float32'):
     cpu_kernels.layer_norm(x, params['scale'][1:], params['bias'], 1e-5)
+
+
+def _conv_float64(x_padded, kernel, stride):
+  """Valid convolution as a sum over kernel taps of float64 matmuls (numpy)."""
+  kh, kw, _, c_out = kernel.shape
+  n, hp, wp, _ = x_padded.shape
+  ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+  out = np.zeros((n, ho, wo, c_out))
+  for i in range(kh):
+    for j in range(kw):
+      window = x_padded[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      out += window.astype(np.float64) @ kernel[i, j].astype(np.float64)
+  return out
+
+
+def _conv_kernel_grad_float64(x_padded, grad, kernel_shape, stride):
+  kh, kw = kernel_shape[:2]
+  ho, wo = grad.shape[1:3]
+  out = np.zeros(kernel_shape)
+  for i in range(kh):
+    for j in range(kw):
+      window = x_padded[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      out[i, j] = np.einsum('nyxc,nyxo->co', window.astype(np.float64), grad.astype(np.float64))
+  return out
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,stride', [
+    ((2, 82, 82, 3), (7, 7, 3, 64), 2),  # The ResNet stem on 76×76 crops, padded by 3.
+    ((3, 21, 21, 64), (3, 3, 64, 64), 1),  # Stage 1; 1,083 pixels: not a multiple of 12 or 96.
+    ((2, 21, 21, 64), (3, 3, 64, 128), 2),  # Stage 2's first conv.
+    ((2, 19, 19, 64), (1, 1, 64, 128), 2),  # Its 1×1 downsample (no padding).
+    ((1, 7, 7, 256), (3, 3, 256, 32), 1),  # 25 pixels: fewer than a task, one panel.
+    ((5, 4, 6, 40), (3, 3, 40, 96), 1),  # Non-square maps; C not a multiple of 12 or 32.
+])
+def test_conv_and_its_kernel_gradient_equal_float64_sums(x_shape, kernel_shape, stride):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  kernel = rng.standard_normal(kernel_shape).astype(np.float32)
+  expected = _conv_float64(x, kernel, stride)
+  got = jax.jit(cpu_kernels.conv, static_argnums=2)(jnp.asarray(x), jnp.asarray(kernel), stride)
+  assert got.shape == expected.shape and got.dtype == jnp.float32
+  depth = np.prod(kernel_shape[:3])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(depth))
+
+  grad = rng.standard_normal(expected.shape).astype(np.float32)
+  expected_grad = _conv_kernel_grad_float64(x, grad, kernel_shape, stride)
+  got_grad = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(2, 3))(
+      jnp.asarray(x), jnp.asarray(grad), kernel_shape, stride)
+  assert got_grad.shape == kernel_shape
+  np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5,
+                             atol=1e-5 * np.sqrt(grad.size / kernel_shape[-1]))
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,stride', [
+    ((2, 17, 17, 64), (3, 3, 64, 64), 1),  # Input gradient on the kernels too.
+    ((2, 17, 17, 64), (3, 3, 64, 128), 2),  # Input gradient from XLA's transposed conv.
+    ((2, 76, 76, 3), (7, 7, 3, 64), 2),
+    ((2, 9, 9, 64), (1, 1, 64, 128), 2),
+])
+def test_conv2d_cpu_kernels_matches_xla_forward_and_gradients(x_shape, kernel_shape, stride):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(x_shape).astype(np.float32))
+  kernel = jnp.asarray(rng.standard_normal(kernel_shape).astype(np.float32))
+  outputs, grads = [], []
+  for method in ('cpu_kernels', 'xla'):
+    conv = lambda x, kernel, method=method: conv_ops.conv2d(x, kernel, stride, method)
+    y, vjp = jax.vjp(jax.jit(conv), x, kernel)
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), jnp.float32)
+    outputs.append(y)
+    grads.append(vjp(cotangent))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: conv_ops.conv2d(
+      x, k, stride, 'cpu_kernels').sum()))(kernel))
+  assert cpu_kernels._CONV_KERNEL_GRAD_TARGET in jaxpr
+  scale = lambda a: float(jnp.max(jnp.abs(a)))
+  np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5 * scale(outputs[1]))
+  for ours, xla in zip(*grads):
+    np.testing.assert_allclose(ours, xla, atol=1e-5 * scale(xla))
+
+
+def test_conv_refuses_what_it_cannot_run():
+  assert cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 64), 1, jnp.float32)
+  assert not cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 48), 1, jnp.float32)
+  assert not cpu_kernels.conv_supported((2, 9, 9, 16), (3, 3, 16, 32), 1, jnp.float32)
+  assert cpu_kernels.conv_supported((2, 9, 9, 16), (3, 3, 16, 32), 2, jnp.float32)
+  assert not cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 64), 1, jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"'cpu_kernels' cannot run x float32 \(2, 9, 9, 64\) "
+                                       r'with kernel \(3, 3, 64, 48\)'):
+    conv_ops.conv2d(jnp.ones((2, 9, 9, 64)), jnp.ones((3, 3, 64, 48)), 1, 'cpu_kernels')
+  with pytest.raises(ValueError, match=r'C_out a multiple of 32 for kernel \(3, 3, 8, 16\)'):
+    cpu_kernels.conv(jnp.ones((1, 5, 5, 8)), jnp.ones((3, 3, 8, 16)), 1)
+  with pytest.raises(ValueError, match=r'expected float32 grad \(1, 3, 3, 32\)'):
+    cpu_kernels.conv_kernel_grad(jnp.ones((1, 5, 5, 8)), jnp.ones((1, 4, 4, 32)),
+                                 (3, 3, 8, 32), 1)
+  # The C++ handler checks its operands itself: here an output larger than the input allows.
+  call = jax.ffi.ffi_call(cpu_kernels._CONV_TARGET,
+                          jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32))
+  with pytest.raises(Exception, match=r'an output \(N, Ho, Wo, C_out\) inside it'):
+    jax.block_until_ready(call(jnp.ones((1, 5, 5, 8)), jnp.ones((1, 72, 32)), kh=np.int64(3),
+                               kw=np.int64(3), stride=np.int64(1)))

@@ -565,16 +565,26 @@ def test_resnet18_group_norm_matches_torch():
                              rtol=1e-4)
 
 
-def test_resnet18_parameter_gradients_match_torch(monkeypatch):
-  # Paper width: stage 1 (17×17×64 here) takes the GEMM kernel gradient, stage 4 (3×3) the tap
-  # GEMMs (allowed here for 2 images), the stem's max-pool the first-maximum backward; every
-  # parameter's gradient is checked against torch autograd.
+@pytest.mark.parametrize('cpu_kernels', [True, False])
+def test_resnet18_parameter_gradients_match_torch(cpu_kernels, monkeypatch):
+  # Paper width, every CPU formulation: with the C++ kernels, every conv but stage 4's stride-1
+  # ones (the tap GEMMs, allowed here for 2 images) runs forward and backward on them; without,
+  # stage 1 (17×17×64 here) takes the GEMM kernel gradient. The stem's max-pool takes the
+  # first-maximum backward. Every parameter's gradient is checked against torch autograd.
   monkeypatch.setattr(resnet, 'TAP_GEMMS_MIN_IMAGES', 1)
+  monkeypatch.setattr(resnet, 'CPU_KERNELS_MIN_PIXELS', 1)
+  if not cpu_kernels:
+    monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
   model = ResNet18(64)
-  images = jax.random.uniform(jax.random.key(0), (2, 68, 68, 3), minval=-1.0, maxval=1.0)
+  # Key 1: no ReLU input of this batch lies within float rounding of 0 (with key 0 one does, and
+  # a kink's gradient depends on the summation order of the convolution before it).
+  images = jax.random.uniform(jax.random.key(1), (2, 68, 68, 3), minval=-1.0, maxval=1.0)
   params = _random_params(jax.eval_shape(model.init, jax.random.key(1), images))['params']
   jaxpr = str(jax.make_jaxpr(model.apply)({'params': params}, images))
-  assert jaxpr.count('custom_vjp_call') == 7  # Max-pool + 4 stage-1 convs + 2 reading stage 1.
+  # The max-pool, and the 20 convs but stage 4's 3 stride-1 ones, or stage 1's 4 and the 2
+  # reading stage 1.
+  assert jaxpr.count('custom_vjp_call') == (1 + 17 if cpu_kernels else 1 + 6)
+  assert jaxpr.count('dpjax_conv') == (17 if cpu_kernels else 0)
   cotangent = np.random.default_rng(0).normal(size=(2, 3, 3, 512)).astype(np.float32)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, images) * cotangent)))(
       params)
@@ -589,22 +599,41 @@ def test_resnet18_parameter_gradients_match_torch(monkeypatch):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_conv_method_per_layer_of_the_lift_resnets():
-  # 76×76 crops: stem 76² → stage 1 at 19², stage 4 at 3². Paper width (64) on CPU: stage-1
-  # inputs get the GEMM kernel gradient, stage 4's stride-1 convs the tap GEMMs (from 32
-  # images on); width 16
-  # (cpu variant) keeps XLA's convolution before stage 4; other backends always do.
-  assert conv_method((128, 76, 76, 3), 2, 'cpu') == 'xla'
-  assert conv_method((128, 19, 19, 64), 1, 'cpu') == 'gemm_kernel_grad'
-  assert conv_method((128, 19, 19, 64), 2, 'cpu') == 'gemm_kernel_grad'
-  assert conv_method((128, 19, 19, 16), 1, 'cpu') == 'xla'
-  assert conv_method((128, 10, 10, 128), 1, 'cpu') == 'xla'
-  assert conv_method((128, 5, 5, 256), 2, 'cpu') == 'xla'
-  assert conv_method((128, 3, 3, 512), 1, 'cpu') == 'tap_gemms'
-  assert conv_method((128, 3, 3, 128), 1, 'cpu') == 'tap_gemms'
-  assert conv_method((4, 3, 3, 512), 1, 'cpu') == 'xla'  # Batch-1 sampling: 4 images.
-  assert conv_method((128, 3, 3, 512), 1, 'gpu') == 'xla'
-  assert conv_method((128, 19, 19, 64), 1, 'gpu') == 'xla'
+@pytest.mark.parametrize('cpu_kernels', [True, False])
+def test_conv_method_per_layer_of_the_lift_resnets(cpu_kernels, monkeypatch):
+  # 76×76 crops: stem 76² → stage 1 at 19², stage 4 at 3². On CPU in float32, with the C++
+  # kernels built, every conv of a training batch (128 images) with multiples of 32 channels
+  # runs on them but stage 4's stride-1 convs (tap GEMMs, from 32 images on); batch-1
+  # sampling (4 images) keeps XLA's convolution on maps under 1024 pixels in all. Without the
+  # kernels, stage-1 inputs get the GEMM kernel gradient. Other backends and bfloat16: XLA.
+  if not cpu_kernels:
+    monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
+  f32 = jnp.float32
+
+  def method(x_shape, c_out, kernel_size, stride, dtype=f32, backend='cpu'):
+    kernel = (kernel_size, kernel_size, x_shape[-1], c_out)
+    return conv_method(x_shape, kernel, stride, dtype, backend)
+
+  kernels_or = lambda fallback: 'cpu_kernels' if cpu_kernels else fallback
+  assert method((128, 76, 76, 3), 64, 7, 2) == kernels_or('xla')
+  assert method((128, 19, 19, 64), 64, 3, 1) == kernels_or('gemm_kernel_grad')
+  assert method((128, 19, 19, 64), 128, 3, 2) == kernels_or('gemm_kernel_grad')
+  assert method((128, 19, 19, 64), 128, 1, 2) == kernels_or('gemm_kernel_grad')
+  assert method((128, 10, 10, 128), 128, 3, 1) == kernels_or('xla')
+  assert method((128, 5, 5, 256), 512, 3, 2) == kernels_or('xla')
+  assert method((128, 3, 3, 512), 512, 3, 1) == 'tap_gemms'
+  assert method((128, 3, 3, 128), 128, 3, 1) == 'tap_gemms'
+  assert method((4, 19, 19, 64), 64, 3, 1) == kernels_or('gemm_kernel_grad')
+  assert method((4, 10, 10, 128), 128, 3, 1) == 'xla'
+  assert method((4, 3, 3, 512), 512, 3, 1) == 'xla'
+  # Width 16 (cpu variant): 16 output channels are not a panel of 32.
+  assert method((128, 19, 19, 16), 16, 3, 1) == 'xla'
+  assert method((128, 10, 10, 32), 32, 3, 1) == kernels_or('xla')
+  assert method((128, 19, 19, 16), 32, 3, 1) == 'xla'  # Its input gradient has 16 channels.
+  assert method((128, 19, 19, 16), 32, 3, 2) == kernels_or('xla')
+  assert method((128, 19, 19, 64), 64, 3, 1, dtype=jnp.bfloat16) == 'gemm_kernel_grad'
+  assert method((128, 3, 3, 512), 512, 3, 1, backend='gpu') == 'xla'
+  assert method((128, 19, 19, 64), 64, 3, 1, backend='gpu') == 'xla'
 
 
 def test_image_encoder_init_follows_torch_defaults():

@@ -1,4 +1,5 @@
-// CPU kernels for the sampler's decoder step (XLA FFI handlers; built by cpu_kernels.py).
+// CPU kernels for the sampler's decoder step and the ResNet's convolutions (XLA FFI handlers;
+// built by cpu_kernels.py).
 //
 // DpjaxPackedDense: y (M, N) = x (M, K) @ W (K, N) for small M, with W pre-packed as
 // (N / 32, K, 32) panels. XLA:CPU's GEMM reads W in column panels strided by N and, with 10 rows
@@ -12,6 +13,11 @@
 // DpjaxLayerNorm: LayerNorm over the last axis as flax.linen.LayerNorm computes it; XLA runs
 // each of its two row reductions as a YNNPACK call, ~110 us at batch 28 (25 norms per step).
 //
+// DpjaxConv, DpjaxConvKernelGrad: a convolution over an already padded NHWC input and its
+// kernel gradient, as GEMMs whose rows are read in place from the input (below). XLA:CPU runs
+// the kernel gradients of the high-resolution layers as convolutions whose window is the whole
+// feature map, at 25-45 GFLOP/s; these run at 170-200 on two cores.
+//
 // All are float32 and share their work out over XLA's intra-op thread pool.
 // docs/performance.md has the measurements.
 
@@ -22,6 +28,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -217,6 +224,207 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+
+// A convolution over an already padded NHWC input x (N, Hp, Wp, C) with a (KH, KW, C, C_out)
+// kernel: output pixel m = (image, row, col) reads, for each kernel row ky, the KW·C contiguous
+// floats at PixelOffset(m) + ky·Wp·C. So a convolution is a GEMM of K = KH·KW·C whose "rows of
+// x" are KH contiguous segments found by pointer arithmetic: no patches are built.
+struct ConvGeometry {
+  int64_t hp, wp, c, ho, wo, kh, kw, stride;
+
+  int64_t SegmentLength() const { return kw * c; }
+  int64_t RowStride() const { return wp * c; }
+  int64_t PixelOffset(int64_t m) const {
+    const int64_t image = m / (ho * wo), rest = m % (ho * wo);
+    return ((image * hp + rest / wo * stride) * wp + rest % wo * stride) * c;
+  }
+};
+
+// Output pixels [m0, m0 + kRows) x one 32-column panel: y[m, col:col + 32] = patch(m) @ panel.
+template <int kRows>
+void ConvBlock(const float* x, const ConvGeometry& g, const float* panel, float* y,
+               int64_t n_dim, int64_t m0, int64_t col) {
+  Vec16 lo[kRows], hi[kRows];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = Vec16{};
+  const float* rows[kRows];
+  for (int i = 0; i < kRows; ++i) rows[i] = x + g.PixelOffset(m0 + i);
+  const int64_t length = g.SegmentLength();
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const float* weights = panel + ky * length * kPanelWidth;
+    for (int64_t j = 0; j < length; ++j) {
+      const Vec16 w_lo = *reinterpret_cast<const Vec16*>(weights + j * kPanelWidth);
+      const Vec16 w_hi = *reinterpret_cast<const Vec16*>(weights + j * kPanelWidth + 16);
+#pragma GCC unroll 16
+      for (int i = 0; i < kRows; ++i) {
+        const float xv = rows[i][j];
+        lo[i] += xv * w_lo;
+        hi[i] += xv * w_hi;
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) rows[i] += g.RowStride();
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+    *reinterpret_cast<Vec16*>(y + (m0 + i) * n_dim + col) = lo[i];
+    *reinterpret_cast<Vec16*>(y + (m0 + i) * n_dim + col + 16) = hi[i];
+  }
+}
+
+using ConvBlockFn = void (*)(const float*, const ConvGeometry&, const float*, float*, int64_t,
+                             int64_t, int64_t);
+
+template <int... kRows>
+constexpr auto MakeConvBlockTable(std::integer_sequence<int, kRows...>) {
+  return std::array<ConvBlockFn, sizeof...(kRows)>{&ConvBlock<kRows + 1>...};
+}
+constexpr auto kConvBlocks = MakeConvBlockTable(std::make_integer_sequence<int, kMaxRows>{});
+
+// Kernel-gradient rows [k0, k0 + kRows) of one kernel row's segment (contiguous in every
+// pixel's receptive field) x one 32-column panel, summed over pixels [m0, m1) and added to dw.
+template <int kRows>
+void KernelGradBlock(const float* x, const int64_t* offsets, const float* dy, int64_t n_dim,
+                     int64_t m0, int64_t m1, int64_t col, float* dw) {
+  Vec16 lo[kRows], hi[kRows];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = Vec16{};
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* patch = x + offsets[m - m0];
+    const Vec16 g_lo = *reinterpret_cast<const Vec16*>(dy + m * n_dim + col);
+    const Vec16 g_hi = *reinterpret_cast<const Vec16*>(dy + m * n_dim + col + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) {
+      const float xv = patch[i];
+      lo[i] += xv * g_lo;
+      hi[i] += xv * g_hi;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+    *reinterpret_cast<Vec16*>(dw + i * n_dim + col) += lo[i];
+    *reinterpret_cast<Vec16*>(dw + i * n_dim + col + 16) += hi[i];
+  }
+}
+
+using KernelGradBlockFn = void (*)(const float*, const int64_t*, const float*, int64_t, int64_t,
+                                   int64_t, int64_t, float*);
+
+template <int... kRows>
+constexpr auto MakeKernelGradTable(std::integer_sequence<int, kRows...>) {
+  return std::array<KernelGradBlockFn, sizeof...(kRows)>{&KernelGradBlock<kRows + 1>...};
+}
+constexpr auto kKernelGradBlocks =
+    MakeKernelGradTable(std::make_integer_sequence<int, kMaxRows>{});
+
+constexpr int64_t kConvPixelsPerTask = 96;
+constexpr int64_t kGradPixelsPerBlock = 128;
+
+ffi::Error CheckConvOperands(const ffi::Span<const int64_t>& x_dims, int64_t kh, int64_t kw,
+                             int64_t stride, int64_t n_dim, const ffi::Span<const int64_t>& y_dims,
+                             const char* what) {
+  if (x_dims.size() != 4 || y_dims.size() != 4 || y_dims[0] != x_dims[0] || kh <= 0 ||
+      kw <= 0 || stride <= 0 || n_dim % kPanelWidth != 0 || y_dims[3] != n_dim ||
+      (y_dims[1] - 1) * stride + kh > x_dims[1] || (y_dims[2] - 1) * stride + kw > x_dims[2]) {
+    return ffi::Error::InvalidArgument(std::string("cpu_kernels ") + what +
+                                       ": expected padded x (N, Hp, Wp, C), an output (N, Ho, Wo, "
+                                       "C_out) inside it and C_out a multiple of 32");
+  }
+  return ffi::Error::Success();
+}
+
+// y (N, Ho, Wo, C_out) = conv(x, kernel), x padded, kernel packed as (C_out / 32, KH·KW·C, 32).
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y, int64_t kh,
+                       int64_t kw, int64_t stride) {
+  const auto x_dims = x.dimensions();
+  const auto p_dims = panels.dimensions();
+  const auto y_dims = y->dimensions();
+  const int64_t n_dim = y_dims.size() == 4 ? y_dims[3] : 0;
+  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, n_dim, y_dims, "conv");
+      error.failure()) {
+    return error;
+  }
+  if (p_dims.size() != 3 || p_dims[0] * kPanelWidth != n_dim || p_dims[1] != kh * kw * x_dims[3] ||
+      p_dims[2] != kPanelWidth) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels conv: expected panels (C_out / 32, KH * KW * C, 32)");
+  }
+  const ConvGeometry g{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], kh, kw, stride};
+  const int64_t pixels = y_dims[0] * y_dims[1] * y_dims[2], k_dim = p_dims[1];
+  const int64_t blocks = (pixels + kConvPixelsPerTask - 1) / kConvPixelsPerTask;
+  const float* x_data = x.typed_data();
+  const float* panel_data = panels.typed_data();
+  float* y_data = y->typed_data();
+  ParallelFor(pool, blocks * p_dims[0], [=, &g](int64_t task) {
+    const int64_t p = task % p_dims[0], block = task / p_dims[0];
+    const float* panel = panel_data + p * k_dim * kPanelWidth;
+    const int64_t end = std::min(pixels, (block + 1) * kConvPixelsPerTask);
+    for (int64_t m0 = block * kConvPixelsPerTask; m0 < end; m0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, end - m0);
+      kConvBlocks[rows - 1](x_data, g, panel, y_data, n_dim, m0, p * kPanelWidth);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded.
+// Pixels are split into chunks summed into separate partial sums, added up at the end.
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t stride) {
+  const auto x_dims = x.dimensions();
+  const auto dy_dims = dy.dimensions();
+  const auto w_dims = dw->dimensions();
+  if (w_dims.size() != 4 || x_dims.size() != 4 || w_dims[2] != x_dims[3]) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels conv_kernel_grad: expected dw (KH, KW, C, C_out) for x (N, Hp, Wp, C)");
+  }
+  const int64_t kh = w_dims[0], kw = w_dims[1], n_dim = w_dims[3];
+  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, n_dim, dy_dims, "conv_kernel_grad");
+      error.failure()) {
+    return error;
+  }
+  const ConvGeometry g{x_dims[1], x_dims[2], x_dims[3], dy_dims[1], dy_dims[2], kh, kw, stride};
+  const int64_t pixels = dy_dims[0] * dy_dims[1] * dy_dims[2], k_dim = kh * kw * g.c;
+  const int64_t pixel_blocks = (pixels + kGradPixelsPerBlock - 1) / kGradPixelsPerBlock;
+  const int64_t chunks = std::min<int64_t>(pixel_blocks, 2 * (pool.num_threads() + 1));
+  std::vector<float> partial(static_cast<size_t>((chunks - 1) * k_dim * n_dim));
+  const float* x_data = x.typed_data();
+  const float* dy_data = dy.typed_data();
+  float* dw_data = dw->typed_data();
+  ParallelFor(pool, chunks, [=, &g, &partial](int64_t chunk) {
+    float* sum = chunk == 0 ? dw_data : partial.data() + (chunk - 1) * k_dim * n_dim;
+    std::fill(sum, sum + k_dim * n_dim, 0.0f);
+    int64_t offsets[kGradPixelsPerBlock];
+    const int64_t length = g.SegmentLength();
+    for (int64_t block = chunk; block < pixel_blocks; block += chunks) {
+      const int64_t m0 = block * kGradPixelsPerBlock;
+      const int64_t m1 = std::min(pixels, m0 + kGradPixelsPerBlock);
+      for (int64_t m = m0; m < m1; ++m) offsets[m - m0] = g.PixelOffset(m);
+      for (int64_t ky = 0; ky < kh; ++ky) {
+        for (int64_t j = 0; j < length; j += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, length - j);
+          const float* segment = x_data + ky * g.RowStride() + j;
+          float* out = sum + (ky * length + j) * n_dim;
+          for (int64_t col = 0; col < n_dim; col += kPanelWidth) {
+            kKernelGradBlocks[rows - 1](segment, offsets, dy_data, n_dim, m0, m1, col, out);
+          }
+        }
+      }
+    }
+  });
+  const int64_t rows_per_task = 64;
+  ParallelFor(pool, (k_dim + rows_per_task - 1) / rows_per_task, [=, &partial](int64_t task) {
+    const int64_t begin = task * rows_per_task * n_dim;
+    const int64_t end = std::min(k_dim, (task + 1) * rows_per_task) * n_dim;
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* part = partial.data() + (c - 1) * k_dim * n_dim;
+      for (int64_t i = begin; i < end; ++i) dw_data[i] += part[i];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxPackedDense, PackedDense,
@@ -244,3 +452,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxLayerNorm, LayerNorm,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConv, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("stride"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGrad, ConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));

@@ -1,21 +1,26 @@
-"""C++ kernels for the sampler's decoder step on CPU (cpu_kernels.cc), with XLA fallbacks.
+"""C++ kernels for the CPU hot paths XLA runs slowly (cpu_kernels.cc), with XLA fallbacks.
 
-Batch-1 sampling runs the decoder's 48 matmuls on 10 rows per denoising step, so it streams
-its 29 MB of weights 100 times; XLA:CPU's GEMM does that at ~7 GB/s (column panels strided
-by N). The dense kernel reads each 32-column panel of a pre-packed (N/32, K, 32) kernel as one
-contiguous stream (~20 GB/s here). The attention kernel replaces XLA's batched 10 x 64 x 10
-GEMMs and head transposes, the LayerNorm kernel XLA's per-reduction YNNPACK calls.
+Sampling: batch-1 sampling runs the decoder's 48 matmuls on 10 rows per denoising step, so it
+streams its 29 MB of weights 100 times; XLA:CPU's GEMM does that at ~7 GB/s (column panels
+strided by N). The dense kernel reads each 32-column panel of a pre-packed (N/32, K, 32) kernel
+as one contiguous stream (~20 GB/s here). The attention kernel replaces XLA's batched 10 x 64 x
+10 GEMMs and head transposes, the LayerNorm kernel XLA's per-reduction YNNPACK calls.
+
+Training: `conv` and `conv_kernel_grad` are the ResNet's convolutions as GEMMs whose rows are
+read straight out of the padded NHWC input (no patches built), at 170-200 GFLOP/s on the
+2-core VM where XLA:CPU runs the forward at 55-100 and the kernel gradients of the
+high-resolution layers at 25-45; conv_ops' 'cpu_kernels' method gives them their autodiff rule.
 docs/performance.md has the measurements.
 
 `pack_dense(kernel, bias, dtype)` chooses the layout for the current backend: packed panels
-where the kernels are usable (`enabled(dtype)`: CPU, float32, built), the plain (K, N) kernel
-otherwise; `dense` runs either. `attention` and `layer_norm` are for callers that checked
-`enabled`. The kernels are forward-only (no autodiff rule): they serve inference paths only.
+where the kernels are usable (`enabled(dtype)`: one CPU device, float32, built), the plain (K,
+N) kernel otherwise; `dense` runs either. The other entry points are for callers that checked
+`enabled` (`conv_supported` for convolutions); they have no autodiff rule of their own.
 
 The shared library is compiled on first use with the system C++ compiler against the
 installed jaxlib's FFI headers, for this CPU (`-march=native`), into $DPJAX_KERNEL_CACHE
 (default ~/.cache/dpjax); `python -m dpjax.models.cpu_kernels` builds it ahead of time.
-Without a compiler, sampling falls back to XLA's ops with one warning.
+Without a compiler, everything falls back to XLA's ops with one warning.
 """
 
 import ctypes
@@ -39,6 +44,8 @@ _SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 _DENSE_TARGET = 'dpjax_packed_dense'
 _ATTENTION_TARGET = 'dpjax_attention'
 _LAYER_NORM_TARGET = 'dpjax_layer_norm'
+_CONV_TARGET = 'dpjax_conv'
+_CONV_KERNEL_GRAD_TARGET = 'dpjax_conv_kernel_grad'
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
 
@@ -103,18 +110,25 @@ def kernels_available() -> bool:
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
   except (RuntimeError, OSError) as error:
-    logging.warning('%s\nSampling uses XLA ops instead (slower at small batch on CPU).', error)
+    logging.warning('%s\nUsing XLA ops instead (slower sampling and training on CPU).', error)
     return False
   for target, symbol in ((_DENSE_TARGET, library.DpjaxPackedDense),
                          (_ATTENTION_TARGET, library.DpjaxAttention),
-                         (_LAYER_NORM_TARGET, library.DpjaxLayerNorm)):
+                         (_LAYER_NORM_TARGET, library.DpjaxLayerNorm),
+                         (_CONV_TARGET, library.DpjaxConv),
+                         (_CONV_KERNEL_GRAD_TARGET, library.DpjaxConvKernelGrad)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform='cpu')
   return True
 
 
 def enabled(dtype: Any) -> bool:
-  """Whether computations in `dtype` on the default backend run on these kernels."""
-  return dtype == jnp.float32 and jax.default_backend() == 'cpu' and kernels_available()
+  """Whether computations in `dtype` on the default backend run on these kernels.
+
+  Only on a single CPU device: XLA's SPMD partitioner cannot split a custom call, so over a
+  multi-device mesh it would gather the whole batch to every device for each kernel call.
+  """
+  return (dtype == jnp.float32 and jax.default_backend() == 'cpu' and jax.device_count() == 1
+          and kernels_available())
 
 
 def pack_dense(kernel: jax.Array, bias: jax.Array, dtype: Any) -> PackedDense:
@@ -181,6 +195,63 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
   rows = call(x.reshape(-1, e), scale.astype(jnp.float32), bias.astype(jnp.float32),
               epsilon=np.float32(epsilon))
   return rows.reshape(x.shape)
+
+
+
+def _check_conv_operands(where: str, x_padded: jax.Array, kernel_shape: tuple[int, ...],
+                         out_shape: tuple[int, ...]) -> None:
+  kh, kw, c, c_out = kernel_shape
+  if x_padded.dtype != jnp.float32 or x_padded.ndim != 4 or x_padded.shape[-1] != c or (
+      c_out % PANEL_WIDTH) or min(out_shape) < 1:
+    raise ValueError(f'cpu_kernels.{where}: expected float32 padded x (N, Hp, Wp, {c}) and '
+                     f'C_out a multiple of {PANEL_WIDTH} for kernel {kernel_shape}, got x '
+                     f'{x_padded.dtype} {x_padded.shape} (output {out_shape})')
+
+
+def conv_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
+                   dtype: Any) -> bool:
+  """Whether conv_ops' 'cpu_kernels' convolution (forward and both gradients) can run x (N, H,
+  W, C) with kernel (KH, KW, C, C_out): `enabled(dtype)` and every product it runs on these
+  kernels has a multiple of 32 output channels (C_out; C for a stride-1 input gradient)."""
+  c, c_out = kernel_shape[2:]
+  return (len(x_shape) == 4 and c_out % PANEL_WIDTH == 0 and
+          (stride != 1 or c % PANEL_WIDTH == 0) and enabled(dtype))
+
+
+def conv_output_shape(x_padded_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                      stride: int) -> tuple[int, int, int, int]:
+  """(N, Ho, Wo, C_out) of a valid (unpadded) convolution over an already padded input."""
+  n, hp, wp, _ = x_padded_shape
+  kh, kw, _, c_out = kernel_shape
+  return n, (hp - kh) // stride + 1, (wp - kw) // stride + 1, c_out
+
+
+def conv(x_padded: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Valid convolution of float32 x_padded (N, Hp, Wp, C) with kernel (KH, KW, C, C_out),
+  C_out a multiple of 32 → (N, Ho, Wo, C_out). Needs `enabled(jnp.float32)`."""
+  kh, kw, c, c_out = kernel.shape
+  out_shape = conv_output_shape(x_padded.shape, kernel.shape, stride)
+  _check_conv_operands('conv', x_padded, kernel.shape, out_shape)
+  panels = kernel.astype(jnp.float32).reshape(kh * kw * c, c_out // PANEL_WIDTH, PANEL_WIDTH)
+  call = jax.ffi.ffi_call(_CONV_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method='sequential')
+  return call(x_padded, panels.transpose(1, 0, 2), kh=np.int64(kh), kw=np.int64(kw),
+              stride=np.int64(stride))
+
+
+def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[int, ...],
+                     stride: int) -> jax.Array:
+  """The gradient of `conv(x_padded, kernel, stride)` with respect to the kernel, for the output
+  gradient `grad` (N, Ho, Wo, C_out) → (KH, KW, C, C_out). Needs `enabled(jnp.float32)`."""
+  out_shape = conv_output_shape(x_padded.shape, kernel_shape, stride)
+  _check_conv_operands('conv_kernel_grad', x_padded, kernel_shape, out_shape)
+  if grad.shape != out_shape or grad.dtype != jnp.float32:
+    raise ValueError(f'cpu_kernels.conv_kernel_grad: expected float32 grad {out_shape}, got '
+                     f'{grad.dtype} {grad.shape}')
+  call = jax.ffi.ffi_call(_CONV_KERNEL_GRAD_TARGET,
+                          jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+                          vmap_method='sequential')
+  return call(x_padded, grad, stride=np.int64(stride))
 
 
 if __name__ == '__main__':

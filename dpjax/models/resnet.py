@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpjax.models import conv_ops
+from dpjax.models import conv_ops, cpu_kernels
 
 GROUP_NORM_EPS = 1e-5
 CHANNELS_PER_GROUP = 16
@@ -64,23 +64,30 @@ class GroupNorm(nn.Module):
 
 
 # On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
-# XLA's own kernel gradient is slow for wide, high-resolution layers (stage 1 of the paper-sized
-# ResNet: 19×19×64); tiny maps (the last stage's 3×3) waste 40 % of the products on padding,
-# which pays to skip from a few dozen images on (a training batch, not batch-1 sampling); the
-# rest is fastest left to XLA.
+# the C++ kernels run every layer of a training batch fastest but tiny maps (the last stage's
+# 3×3), where 40 % of a padded convolution's products are with padding, which pays to skip from
+# a few dozen images on; under ~1,000 pixels (batch-1 sampling's deep stages) XLA is faster.
+# Without the kernels (no compiler, bfloat16): XLA's own kernel gradient is slow for wide,
+# high-resolution layers (stage 1 of the paper-sized ResNet: 19×19×64), so those use patches.
 GEMM_KERNEL_GRAD_MIN_CHANNELS = 64
 GEMM_KERNEL_GRAD_MIN_PIXELS = 16 * 16
 TAP_GEMMS_MAX_SIDE = 4
 TAP_GEMMS_MIN_IMAGES = 32
+CPU_KERNELS_MIN_PIXELS = 1024
 
 
-def conv_method(input_shape: tuple[int, ...], strides: int, backend: str) -> str:
-  """The conv_ops.conv2d method for an (N, H, W, C) input on this backend."""
+def conv_method(input_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: int,
+                dtype: Any, backend: str) -> str:
+  """The conv_ops.conv2d method for an (N, H, W, C) input and (k, k, C, C_out) kernel in
+  `dtype` on this backend."""
   n, h, w, c = input_shape
   if backend != 'cpu':
     return 'xla'
   if strides == 1 and max(h, w) <= TAP_GEMMS_MAX_SIDE and n >= TAP_GEMMS_MIN_IMAGES:
     return 'tap_gemms'
+  if n * h * w >= CPU_KERNELS_MIN_PIXELS and cpu_kernels.conv_supported(
+      input_shape, kernel_shape, strides, dtype):
+    return 'cpu_kernels'
   if c >= GEMM_KERNEL_GRAD_MIN_CHANNELS and h * w >= GEMM_KERNEL_GRAD_MIN_PIXELS:
     return 'gemm_kernel_grad'
   return 'xla'
@@ -98,7 +105,7 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', conv_kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
-    method = conv_method(x.shape, self.strides, jax.default_backend())
+    method = conv_method(x.shape, kernel.shape, self.strides, self.dtype, jax.default_backend())
     return conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, method)
 
 
