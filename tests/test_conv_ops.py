@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dpjax.models import conv_ops
+from dpjax.models import cpu_kernels as cpu_kernels_lib
 
 
 def _torch_nchw(x_nhwc: np.ndarray) -> torch.Tensor:
@@ -50,10 +51,17 @@ def test_conv2d_rejects_bad_shapes():
     conv_ops.conv2d(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)), 1, 'winograd')
 
 
+@pytest.mark.parametrize('cpu_kernels', [True, False])
 @pytest.mark.parametrize('size', [7, 8, 19])
-def test_max_pool_matches_torch_including_ties(size):
+def test_max_pool_matches_torch_including_ties(size, cpu_kernels, monkeypatch):
   # Integers in a small range: most windows hold several equal maxima, and torch sends the
-  # gradient to the first of them in row-major order.
+  # gradient to the first of them in row-major order. Both implementations: the C++ kernels
+  # (argmax recorded in the forward pass) and the XLA one (argmax recomputed).
+  if not cpu_kernels:
+    monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
+  pool = lambda x: conv_ops.max_pool_3x3_stride2(x)  # A new function: no cached trace.
+  jaxpr = str(jax.make_jaxpr(pool)(jnp.zeros((1, size, size, 3))))
+  assert ('dpjax_max_pool' in jaxpr) == cpu_kernels
   rng = np.random.default_rng(size)
   x = rng.integers(0, 3, size=(2, size, size, 3)).astype(np.float32)
   x_t = _torch_nchw(x)

@@ -12,6 +12,12 @@ from dpjax.models import conv_ops, cpu_kernels
 from dpjax.models import transformer
 
 
+@pytest.fixture(autouse=True)
+def _kernels_registered():
+  """The entry points need `enabled` to have built and registered the library, as callers do."""
+  assert cpu_kernels.enabled(jnp.float32)
+
+
 def _layer(k, n, seed=0):
   rng = np.random.default_rng(seed)
   return (rng.standard_normal((k, n)).astype(np.float32),
@@ -236,3 +242,19 @@ def test_conv_refuses_what_it_cannot_run():
   with pytest.raises(Exception, match=r'an output \(N, Ho, Wo, C_out\) inside it'):
     jax.block_until_ready(call(jnp.ones((1, 5, 5, 8)), jnp.ones((1, 72, 32)), kh=np.int64(3),
                                kw=np.int64(3), stride=np.int64(1)))
+
+
+def test_max_pool_records_the_first_maximum_and_refuses_bad_operands():
+  # Values against torch (ties included) are in test_conv_ops; here the recorded argmax itself.
+  x = np.zeros((1, 4, 4, 2), np.float32)
+  x[0, 1, 2, 0] = 5.0  # Window (row 1, col 1) spans rows 1-3, cols 1-3: offset (0, 1) = 1.
+  x[0, 3, 3, 1] = 1.0  # Channel 1: ties at 0 elsewhere, 1.0 at offset (2, 2) = 8.
+  pooled, argmax = jax.jit(cpu_kernels.max_pool)(jnp.asarray(x))
+  assert pooled.shape == argmax.shape == (1, 2, 2, 2) and argmax.dtype == jnp.int8
+  assert pooled[0, 1, 1, 0] == 5.0 and argmax[0, 1, 1, 0] == 1
+  assert pooled[0, 1, 1, 1] == 1.0 and argmax[0, 1, 1, 1] == 8
+  assert argmax[0, 0, 0, 1] == 4  # All zeros: the first in-image offset, (1, 1) (padding first).
+  with pytest.raises(ValueError, match=r'expected int8 argmax and float32 grad \(1, 2, 2, 2\)'):
+    cpu_kernels.max_pool_grad(argmax, jnp.ones((1, 2, 2, 3)), x.shape)
+  with pytest.raises(ValueError, match=r'expected float32 x \(N, H, W, C\), got float32 \(4, 4\)'):
+    cpu_kernels.max_pool(jnp.ones((4, 4)))

@@ -20,7 +20,9 @@ order); `conv2d` offers three other formulations of the same convolution:
 * `max_pool_3x3_stride2`: XLA's gradient of a max-pool reduce-window is a select-and-scatter
   that XLA:CPU lowers to a slow windowed scan (≈ 230 ms for 128 images of 38×38×64 against 44
   ms here). The backward here routes each output gradient to the first maximum of its window
-  in row-major order, as torch's `max_pool2d` does.
+  in row-major order, as torch's `max_pool2d` does. Where the C++ kernels run
+  (`cpu_kernels.enabled`), the forward pass also records that argmax (int8) and the backward
+  pass scatters through it; elsewhere the backward recomputes it from 9 strided views.
 """
 
 import functools
@@ -176,9 +178,34 @@ def _max_pool_forward_only(x: jax.Array) -> jax.Array:
                                (1, _POOL_STRIDE, _POOL_STRIDE, 1), pad)
 
 
-@jax.custom_vjp
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
   """torch's MaxPool2d(3, stride=2, padding=1) on NHWC: (N, H, W, C) → (N, ⌈H/2⌉, ⌈W/2⌉, C)."""
+  if cpu_kernels.enabled(x.dtype):
+    return _max_pool_cpu_kernels(x, x.shape)
+  return _max_pool_xla(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_cpu_kernels(x: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
+  del x_shape  # Only the backward pass needs it.
+  return cpu_kernels.max_pool(x)[0]
+
+
+def _cpu_kernels_pool_forward(x, x_shape):
+  del x_shape
+  pooled, argmax = cpu_kernels.max_pool(x)
+  return pooled, argmax
+
+
+def _cpu_kernels_pool_backward(x_shape, argmax, grad):
+  return (cpu_kernels.max_pool_grad(argmax, grad, x_shape),)
+
+
+_max_pool_cpu_kernels.defvjp(_cpu_kernels_pool_forward, _cpu_kernels_pool_backward)
+
+
+@jax.custom_vjp
+def _max_pool_xla(x: jax.Array) -> jax.Array:
   return _max_pool_forward_only(x)
 
 
@@ -209,4 +236,4 @@ def _pool_backward(x, grad):
   return (grad_padded[:, _POOL_PAD:_POOL_PAD + h, _POOL_PAD:_POOL_PAD + w],)
 
 
-max_pool_3x3_stride2.defvjp(_pool_forward, _pool_backward)
+_max_pool_xla.defvjp(_pool_forward, _pool_backward)

@@ -318,7 +318,8 @@ constexpr auto kKernelGradBlocks =
     MakeKernelGradTable(std::make_integer_sequence<int, kMaxRows>{});
 
 constexpr int64_t kConvPixelsPerTask = 96;
-constexpr int64_t kGradPixelsPerBlock = 128;
+constexpr int64_t kGradPixelsPerBlock = 512;
+constexpr int64_t kGradPixelsPerChunk = 2048;
 
 ffi::Error CheckConvOperands(const ffi::Span<const int64_t>& x_dims, int64_t kh, int64_t kw,
                              int64_t stride, int64_t n_dim, const ffi::Span<const int64_t>& y_dims,
@@ -369,7 +370,11 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded.
-// Pixels are split into chunks summed into separate partial sums, added up at the end.
+// Tasks are (pixel chunk, group of 32-column panels): each chunk sums into its own copy of dw
+// (added up at the end), so there are enough tasks to share while the copies stay few: many
+// pixels (high-resolution layers) split into chunks, wide kernels (deep layers) into groups.
+// Within a task, pixels go in blocks of kGradPixelsPerBlock: their dy rows and x patches stay in
+// L2 while every (12-row, 32-column) tile of dw is summed over them in registers.
 ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t stride) {
   const auto x_dims = x.dimensions();
@@ -386,27 +391,34 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   }
   const ConvGeometry g{x_dims[1], x_dims[2], x_dims[3], dy_dims[1], dy_dims[2], kh, kw, stride};
   const int64_t pixels = dy_dims[0] * dy_dims[1] * dy_dims[2], k_dim = kh * kw * g.c;
-  const int64_t pixel_blocks = (pixels + kGradPixelsPerBlock - 1) / kGradPixelsPerBlock;
-  const int64_t chunks = std::min<int64_t>(pixel_blocks, 2 * (pool.num_threads() + 1));
+  const int64_t panels = n_dim / kPanelWidth;
+  const int64_t wanted_tasks = 2 * (pool.num_threads() + 1);
+  const int64_t chunks = std::clamp<int64_t>(pixels / kGradPixelsPerChunk, 1, wanted_tasks);
+  const int64_t groups = std::min(panels, (wanted_tasks + chunks - 1) / chunks);
   std::vector<float> partial(static_cast<size_t>((chunks - 1) * k_dim * n_dim));
   const float* x_data = x.typed_data();
   const float* dy_data = dy.typed_data();
   float* dw_data = dw->typed_data();
-  ParallelFor(pool, chunks, [=, &g, &partial](int64_t chunk) {
+  ParallelFor(pool, chunks * groups, [=, &g, &partial](int64_t task) {
+    const int64_t chunk = task / groups, group = task % groups;
+    const int64_t col_begin = group * panels / groups * kPanelWidth;
+    const int64_t col_end = (group + 1) * panels / groups * kPanelWidth;
     float* sum = chunk == 0 ? dw_data : partial.data() + (chunk - 1) * k_dim * n_dim;
-    std::fill(sum, sum + k_dim * n_dim, 0.0f);
+    for (int64_t k = 0; k < k_dim; ++k) {
+      std::fill(sum + k * n_dim + col_begin, sum + k * n_dim + col_end, 0.0f);
+    }
     int64_t offsets[kGradPixelsPerBlock];
     const int64_t length = g.SegmentLength();
-    for (int64_t block = chunk; block < pixel_blocks; block += chunks) {
-      const int64_t m0 = block * kGradPixelsPerBlock;
-      const int64_t m1 = std::min(pixels, m0 + kGradPixelsPerBlock);
+    const int64_t chunk_end = (chunk + 1) * pixels / chunks;
+    for (int64_t m0 = chunk * pixels / chunks; m0 < chunk_end; m0 += kGradPixelsPerBlock) {
+      const int64_t m1 = std::min(chunk_end, m0 + kGradPixelsPerBlock);
       for (int64_t m = m0; m < m1; ++m) offsets[m - m0] = g.PixelOffset(m);
       for (int64_t ky = 0; ky < kh; ++ky) {
         for (int64_t j = 0; j < length; j += kMaxRows) {
           const int64_t rows = std::min<int64_t>(kMaxRows, length - j);
           const float* segment = x_data + ky * g.RowStride() + j;
           float* out = sum + (ky * length + j) * n_dim;
-          for (int64_t col = 0; col < n_dim; col += kPanelWidth) {
+          for (int64_t col = col_begin; col < col_end; col += kPanelWidth) {
             kKernelGradBlocks[rows - 1](segment, offsets, dy_data, n_dim, m0, m1, col, out);
           }
         }
@@ -420,6 +432,89 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     for (int64_t c = 1; c < chunks; ++c) {
       const float* part = partial.data() + (c - 1) * k_dim * n_dim;
       for (int64_t i = begin; i < end; ++i) dw_data[i] += part[i];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// torch's MaxPool2d(3, stride=2, padding=1) over NHWC x, one image per task. Besides the maxima,
+// records which of the 9 window offsets (row-major) held each one: the first maximum, as torch
+// does, so the backward pass routes every output gradient to exactly that input.
+constexpr int64_t kPoolWindow = 3, kPoolStride = 2, kPoolPad = 1;
+
+ffi::Error MaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::S8> argmax) {
+  const auto x_dims = x.dimensions();
+  const auto y_dims = y->dimensions();
+  if (x_dims.size() != 4 || y_dims.size() != 4 || y_dims[0] != x_dims[0] ||
+      y_dims[1] != (x_dims[1] - 1) / kPoolStride + 1 ||
+      y_dims[2] != (x_dims[2] - 1) / kPoolStride + 1 || y_dims[3] != x_dims[3] ||
+      !SameDims(argmax->dimensions(), y_dims)) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels max_pool: expected x (N, H, W, C), y and argmax (N, ceil(H/2), ceil(W/2), C)");
+  }
+  const int64_t h = x_dims[1], w = x_dims[2], c = x_dims[3], ho = y_dims[1], wo = y_dims[2];
+  const float* x_data = x.typed_data();
+  float* y_data = y->typed_data();
+  int8_t* a_data = argmax->typed_data();
+  ParallelFor(pool, x_dims[0], [=](int64_t n) {
+    const float* image = x_data + n * h * w * c;
+    for (int64_t oy = 0; oy < ho; ++oy) {
+      for (int64_t ox = 0; ox < wo; ++ox) {
+        const int64_t out = ((n * ho + oy) * wo + ox) * c;
+        float* best = y_data + out;
+        int8_t* which = a_data + out;
+        std::fill(best, best + c, -std::numeric_limits<float>::infinity());
+        std::fill(which, which + c, 0);
+        for (int64_t ky = 0; ky < kPoolWindow; ++ky) {
+          const int64_t iy = oy * kPoolStride - kPoolPad + ky;
+          if (iy < 0 || iy >= h) continue;
+          for (int64_t kx = 0; kx < kPoolWindow; ++kx) {
+            const int64_t ix = ox * kPoolStride - kPoolPad + kx;
+            if (ix < 0 || ix >= w) continue;
+            const float* pixel = image + (iy * w + ix) * c;
+            const int8_t offset = static_cast<int8_t>(ky * kPoolWindow + kx);
+            for (int64_t j = 0; j < c; ++j) {
+              const bool larger = pixel[j] > best[j];  // Strict: ties keep the earlier offset.
+              best[j] = larger ? pixel[j] : best[j];
+              which[j] = larger ? offset : which[j];
+            }
+          }
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dx (N, H, W, C): each output gradient added to the input its window's argmax points at.
+ffi::Error MaxPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> argmax,
+                       ffi::Buffer<ffi::F32> grad, ffi::ResultBuffer<ffi::F32> dx) {
+  const auto a_dims = argmax.dimensions();
+  const auto x_dims = dx->dimensions();
+  if (x_dims.size() != 4 || !SameDims(a_dims, grad.dimensions()) || a_dims[0] != x_dims[0] ||
+      a_dims[1] != (x_dims[1] - 1) / kPoolStride + 1 ||
+      a_dims[2] != (x_dims[2] - 1) / kPoolStride + 1 || a_dims[3] != x_dims[3]) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels max_pool_grad: expected argmax and grad (N, ceil(H/2), ceil(W/2), C) for "
+        "dx (N, H, W, C)");
+  }
+  const int64_t h = x_dims[1], w = x_dims[2], c = x_dims[3], ho = a_dims[1], wo = a_dims[2];
+  const int8_t* a_data = argmax.typed_data();
+  const float* g_data = grad.typed_data();
+  float* dx_data = dx->typed_data();
+  ParallelFor(pool, x_dims[0], [=](int64_t n) {
+    float* image = dx_data + n * h * w * c;
+    std::fill(image, image + h * w * c, 0.0f);
+    for (int64_t oy = 0; oy < ho; ++oy) {
+      for (int64_t ox = 0; ox < wo; ++ox) {
+        const int64_t out = ((n * ho + oy) * wo + ox) * c;
+        for (int64_t j = 0; j < c; ++j) {
+          const int64_t iy = oy * kPoolStride - kPoolPad + a_data[out + j] / kPoolWindow;
+          const int64_t ix = ox * kPoolStride - kPoolPad + a_data[out + j] % kPoolWindow;
+          image[(iy * w + ix) * c + j] += g_data[out + j];
+        }
+      }
     }
   });
   return ffi::Error::Success();
@@ -470,3 +565,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGrad, ConvKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxMaxPool, MaxPool,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxMaxPoolGrad, MaxPoolGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

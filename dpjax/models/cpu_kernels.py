@@ -46,6 +46,8 @@ _ATTENTION_TARGET = 'dpjax_attention'
 _LAYER_NORM_TARGET = 'dpjax_layer_norm'
 _CONV_TARGET = 'dpjax_conv'
 _CONV_KERNEL_GRAD_TARGET = 'dpjax_conv_kernel_grad'
+_MAX_POOL_TARGET = 'dpjax_max_pool'
+_MAX_POOL_GRAD_TARGET = 'dpjax_max_pool_grad'
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
 
@@ -116,7 +118,9 @@ def kernels_available() -> bool:
                          (_ATTENTION_TARGET, library.DpjaxAttention),
                          (_LAYER_NORM_TARGET, library.DpjaxLayerNorm),
                          (_CONV_TARGET, library.DpjaxConv),
-                         (_CONV_KERNEL_GRAD_TARGET, library.DpjaxConvKernelGrad)):
+                         (_CONV_KERNEL_GRAD_TARGET, library.DpjaxConvKernelGrad),
+                         (_MAX_POOL_TARGET, library.DpjaxMaxPool),
+                         (_MAX_POOL_GRAD_TARGET, library.DpjaxMaxPoolGrad)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform='cpu')
   return True
 
@@ -252,6 +256,40 @@ def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[i
                           jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                           vmap_method='sequential')
   return call(x_padded, grad, stride=np.int64(stride))
+
+
+
+def _pooled_shape(x_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+  n, h, w, c = x_shape
+  return n, (h - 1) // 2 + 1, (w - 1) // 2 + 1, c
+
+
+def max_pool(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """torch's MaxPool2d(3, stride=2, padding=1) of float32 x (N, H, W, C) → the maxima and, as
+  int8, which of the 9 window offsets (row-major; the first maximum) held each, both (N,
+  ceil(H/2), ceil(W/2), C). Needs `enabled(jnp.float32)`."""
+  if x.dtype != jnp.float32 or x.ndim != 4:
+    raise ValueError(f'cpu_kernels.max_pool: expected float32 x (N, H, W, C), got {x.dtype} '
+                     f'{x.shape}')
+  shape = _pooled_shape(x.shape)
+  call = jax.ffi.ffi_call(_MAX_POOL_TARGET, (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                             jax.ShapeDtypeStruct(shape, jnp.int8)),
+                          vmap_method='sequential')
+  return call(x)
+
+
+def max_pool_grad(argmax: jax.Array, grad: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
+  """The input gradient (x_shape) of `max_pool` for its int8 `argmax` and the float32 output
+  gradient. Needs `enabled(jnp.float32)`."""
+  shape = _pooled_shape(x_shape)
+  if argmax.shape != shape or argmax.dtype != jnp.int8 or grad.shape != shape or (
+      grad.dtype != jnp.float32):
+    raise ValueError(f'cpu_kernels.max_pool_grad: expected int8 argmax and float32 grad {shape} '
+                     f'for x {tuple(x_shape)}, got {argmax.dtype} {argmax.shape} and '
+                     f'{grad.dtype} {grad.shape}')
+  call = jax.ffi.ffi_call(_MAX_POOL_GRAD_TARGET, jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
+                          vmap_method='sequential')
+  return call(argmax, grad)
 
 
 if __name__ == '__main__':
