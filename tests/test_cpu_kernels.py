@@ -169,31 +169,39 @@ def _conv_kernel_grad_float64(x_padded, grad, kernel_shape, stride):
   return out
 
 
-@pytest.mark.parametrize('x_shape,kernel_shape,stride', [
-    ((2, 82, 82, 3), (7, 7, 3, 64), 2),  # The ResNet stem on 76×76 crops, padded by 3.
-    ((3, 21, 21, 64), (3, 3, 64, 64), 1),  # Stage 1; 1,083 pixels: not a multiple of 12 or 96.
-    ((2, 21, 21, 64), (3, 3, 64, 128), 2),  # Stage 2's first conv.
-    ((2, 19, 19, 64), (1, 1, 64, 128), 2),  # Its 1×1 downsample (no padding).
-    ((1, 7, 7, 256), (3, 3, 256, 32), 1),  # 25 pixels: fewer than a task, one panel.
-    ((5, 4, 6, 40), (3, 3, 40, 96), 1),  # Non-square maps; C not a multiple of 12 or 32.
+@pytest.mark.parametrize('image_shape,kernel_shape,stride,pad', [
+    ((2, 76, 76, 3), (7, 7, 3, 64), 2, 3),  # The ResNet stem on 76×76 crops.
+    ((3, 19, 19, 64), (3, 3, 64, 64), 1, 1),  # Stage 1; 1,083 pixels: not a multiple of 12 or 96.
+    ((2, 19, 19, 64), (3, 3, 64, 128), 2, 1),  # Stage 2's first conv.
+    ((2, 19, 19, 64), (1, 1, 64, 128), 2, 0),  # Its 1×1 downsample.
+    ((1, 5, 5, 256), (3, 3, 256, 32), 1, 1),  # 25 pixels: fewer than a task, one panel.
+    ((5, 2, 4, 40), (3, 3, 40, 96), 1, 1),  # Non-square maps; C not a multiple of 12 or 32.
+    # Small maps, processed position by position with the border taps skipped.
+    ((13, 3, 3, 512), (3, 3, 512, 64), 1, 1),  # Stage 4: a block of 12 images plus one.
+    ((14, 5, 5, 128), (3, 3, 128, 64), 1, 1),  # Stage 3.
+    ((12, 10, 10, 64), (3, 3, 64, 64), 2, 1),  # Stride 2 onto 5×5.
+    ((3, 5, 6, 32), (3, 3, 32, 32), 2, 1),  # Odd and even sides: 3×3 output, unequal borders.
 ])
-def test_conv_and_its_kernel_gradient_equal_float64_sums(x_shape, kernel_shape, stride):
+def test_conv_and_its_kernel_gradient_equal_float64_sums(image_shape, kernel_shape, stride, pad):
   rng = np.random.default_rng(0)
-  x = rng.standard_normal(x_shape).astype(np.float32)
+  image = rng.standard_normal(image_shape).astype(np.float32)
+  x = np.pad(image, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   kernel = rng.standard_normal(kernel_shape).astype(np.float32)
   expected = _conv_float64(x, kernel, stride)
-  got = jax.jit(cpu_kernels.conv, static_argnums=2)(jnp.asarray(x), jnp.asarray(kernel), stride)
-  assert got.shape == expected.shape and got.dtype == jnp.float32
-  depth = np.prod(kernel_shape[:3])
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(depth))
-
   grad = rng.standard_normal(expected.shape).astype(np.float32)
   expected_grad = _conv_kernel_grad_float64(x, grad, kernel_shape, stride)
-  got_grad = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(2, 3))(
-      jnp.asarray(x), jnp.asarray(grad), kernel_shape, stride)
-  assert got_grad.shape == kernel_shape
-  np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5,
-                             atol=1e-5 * np.sqrt(grad.size / kernel_shape[-1]))
+  depth = np.prod(kernel_shape[:3])
+  # Told the true border, the kernels skip the taps in it; told 0, they compute every tap.
+  for told_pad in sorted({pad, 0}):
+    got = jax.jit(cpu_kernels.conv, static_argnums=(2, 3))(
+        jnp.asarray(x), jnp.asarray(kernel), stride, told_pad)
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(depth))
+    got_grad = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(2, 3, 4))(
+        jnp.asarray(x), jnp.asarray(grad), kernel_shape, stride, told_pad)
+    assert got_grad.shape == kernel_shape
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5,
+                               atol=1e-5 * np.sqrt(grad.size / kernel_shape[-1]))
 
 
 @pytest.mark.parametrize('x_shape,kernel_shape,stride', [
@@ -232,16 +240,16 @@ def test_conv_refuses_what_it_cannot_run():
                                        r'with kernel \(3, 3, 64, 48\)'):
     conv_ops.conv2d(jnp.ones((2, 9, 9, 64)), jnp.ones((3, 3, 64, 48)), 1, 'cpu_kernels')
   with pytest.raises(ValueError, match=r'C_out a multiple of 32 for kernel \(3, 3, 8, 16\)'):
-    cpu_kernels.conv(jnp.ones((1, 5, 5, 8)), jnp.ones((3, 3, 8, 16)), 1)
+    cpu_kernels.conv(jnp.ones((1, 5, 5, 8)), jnp.ones((3, 3, 8, 16)), 1, 1)
   with pytest.raises(ValueError, match=r'expected float32 grad \(1, 3, 3, 32\)'):
     cpu_kernels.conv_kernel_grad(jnp.ones((1, 5, 5, 8)), jnp.ones((1, 4, 4, 32)),
-                                 (3, 3, 8, 32), 1)
+                                 (3, 3, 8, 32), 1, 1)
   # The C++ handler checks its operands itself: here an output larger than the input allows.
   call = jax.ffi.ffi_call(cpu_kernels._CONV_TARGET,
                           jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32))
   with pytest.raises(Exception, match=r'an output \(N, Ho, Wo, C_out\) inside it'):
     jax.block_until_ready(call(jnp.ones((1, 5, 5, 8)), jnp.ones((1, 72, 32)), kh=np.int64(3),
-                               kw=np.int64(3), stride=np.int64(1)))
+                               kw=np.int64(3), stride=np.int64(1), pad=np.int64(1)))
 
 
 def test_max_pool_records_the_first_maximum_and_refuses_bad_operands():

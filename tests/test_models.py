@@ -567,9 +567,9 @@ def test_resnet18_group_norm_matches_torch():
 
 @pytest.mark.parametrize('cpu_kernels', [True, False])
 def test_resnet18_parameter_gradients_match_torch(cpu_kernels, monkeypatch):
-  # Paper width, every CPU formulation: with the C++ kernels, every conv but stage 4's stride-1
-  # ones (the tap GEMMs, allowed here for 2 images) runs forward and backward on them; without,
-  # stage 1 (17×17×64 here) takes the GEMM kernel gradient. The stem's max-pool takes the
+  # Paper width, every CPU formulation: with the C++ kernels, every conv runs forward and
+  # backward on them; without, stage 1 (17×17×64 here) takes the GEMM kernel gradient and stage
+  # 4's stride-1 convs the tap GEMMs (allowed here for 2 images). The stem's max-pool takes the
   # first-maximum backward. Every parameter's gradient is checked against torch autograd.
   monkeypatch.setattr(resnet, 'TAP_GEMMS_MIN_IMAGES', 1)
   monkeypatch.setattr(resnet, 'CPU_KERNELS_MIN_PIXELS', 1)
@@ -581,10 +581,10 @@ def test_resnet18_parameter_gradients_match_torch(cpu_kernels, monkeypatch):
   images = jax.random.uniform(jax.random.key(1), (2, 68, 68, 3), minval=-1.0, maxval=1.0)
   params = _random_params(jax.eval_shape(model.init, jax.random.key(1), images))['params']
   jaxpr = str(jax.make_jaxpr(model.apply)({'params': params}, images))
-  # The max-pool, and the 20 convs but stage 4's 3 stride-1 ones, or stage 1's 4 and the 2
-  # reading stage 1.
-  assert jaxpr.count('custom_vjp_call') == (1 + 17 if cpu_kernels else 1 + 6)
-  assert jaxpr.count('dpjax_conv') == (17 if cpu_kernels else 0)
+  # The max-pool, and all 20 convs, or stage 1's 4 and the 2 reading stage 1 (the tap GEMMs
+  # are differentiated as they are).
+  assert jaxpr.count('custom_vjp_call') == (1 + 20 if cpu_kernels else 1 + 6)
+  assert jaxpr.count('dpjax_conv') == (20 if cpu_kernels else 0)
   cotangent = np.random.default_rng(0).normal(size=(2, 3, 3, 512)).astype(np.float32)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, images) * cotangent)))(
       params)
@@ -603,9 +603,9 @@ def test_resnet18_parameter_gradients_match_torch(cpu_kernels, monkeypatch):
 def test_conv_method_per_layer_of_the_lift_resnets(cpu_kernels, monkeypatch):
   # 76×76 crops: stem 76² → stage 1 at 19², stage 4 at 3². On CPU in float32, with the C++
   # kernels built, every conv of a training batch (128 images) with multiples of 32 channels
-  # runs on them but stage 4's stride-1 convs (tap GEMMs, from 32 images on); batch-1
-  # sampling (4 images) keeps XLA's convolution on maps under 1024 pixels in all. Without the
-  # kernels, stage-1 inputs get the GEMM kernel gradient. Other backends and bfloat16: XLA.
+  # runs on them; batch-1 sampling (4 images) keeps XLA's convolution on maps under 1024 pixels
+  # in all. Without the kernels, stage-1 inputs get the GEMM kernel gradient and stage 4's
+  # stride-1 convs the tap GEMMs (from 32 images on). Other backends and bfloat16: XLA.
   if not cpu_kernels:
     monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
   f32 = jnp.float32
@@ -621,8 +621,8 @@ def test_conv_method_per_layer_of_the_lift_resnets(cpu_kernels, monkeypatch):
   assert method((128, 19, 19, 64), 128, 1, 2) == kernels_or('gemm_kernel_grad')
   assert method((128, 10, 10, 128), 128, 3, 1) == kernels_or('xla')
   assert method((128, 5, 5, 256), 512, 3, 2) == kernels_or('xla')
-  assert method((128, 3, 3, 512), 512, 3, 1) == 'tap_gemms'
-  assert method((128, 3, 3, 128), 128, 3, 1) == 'tap_gemms'
+  assert method((128, 3, 3, 512), 512, 3, 1) == kernels_or('tap_gemms')
+  assert method((128, 3, 3, 128), 128, 3, 1) == kernels_or('tap_gemms')
   assert method((4, 19, 19, 64), 64, 3, 1) == kernels_or('gemm_kernel_grad')
   assert method((4, 10, 10, 128), 128, 3, 1) == 'xla'
   assert method((4, 3, 3, 512), 512, 3, 1) == 'xla'
@@ -632,6 +632,7 @@ def test_conv_method_per_layer_of_the_lift_resnets(cpu_kernels, monkeypatch):
   assert method((128, 19, 19, 16), 32, 3, 1) == 'xla'  # Its input gradient has 16 channels.
   assert method((128, 19, 19, 16), 32, 3, 2) == kernels_or('xla')
   assert method((128, 19, 19, 64), 64, 3, 1, dtype=jnp.bfloat16) == 'gemm_kernel_grad'
+  assert method((128, 3, 3, 512), 512, 3, 1, dtype=jnp.bfloat16) == 'tap_gemms'
   assert method((128, 3, 3, 512), 512, 3, 1, backend='gpu') == 'xla'
   assert method((128, 19, 19, 64), 64, 3, 1, backend='gpu') == 'xla'
 

@@ -111,24 +111,25 @@ def _pad_same(x: jax.Array, kernel_size: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_cpu_kernels(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  return cpu_kernels.conv(_pad_same(x, kernel.shape[0]), kernel, stride)
+  return _cpu_kernels_forward(x, kernel, stride)[0]
 
 
 def _cpu_kernels_forward(x, kernel, stride):
+  pad = kernel.shape[0] // 2
   x_padded = _pad_same(x, kernel.shape[0])
-  return cpu_kernels.conv(x_padded, kernel, stride), (x_padded, kernel)
+  return cpu_kernels.conv(x_padded, kernel, stride, pad), (x_padded, kernel)
 
 
 def _cpu_kernels_backward(stride, residuals, grad):
   x_padded, kernel = residuals
-  grad_kernel = cpu_kernels.conv_kernel_grad(x_padded, grad, kernel.shape, stride)
+  pad = kernel.shape[0] // 2
+  grad_kernel = cpu_kernels.conv_kernel_grad(x_padded, grad, kernel.shape, stride, pad)
   if stride == 1:
     # A stride-1 convolution's input gradient is the convolution of the padded output gradient
     # with the kernel mirrored in space and transposed in channels.
     mirrored = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    grad_x = cpu_kernels.conv(_pad_same(grad, kernel.shape[0]), mirrored, 1)
+    grad_x = cpu_kernels.conv(_pad_same(grad, kernel.shape[0]), mirrored, 1, pad)
   else:
-    pad = kernel.shape[0] // 2
     x_shape = jax.ShapeDtypeStruct((x_padded.shape[0], x_padded.shape[1] - 2 * pad,
                                     x_padded.shape[2] - 2 * pad, x_padded.shape[3]), grad.dtype)
     (grad_x,) = jax.linear_transpose(lambda inputs: _xla_conv(inputs, kernel, stride),

@@ -229,50 +229,77 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 // kernel: output pixel m = (image, row, col) reads, for each kernel row ky, the KW·C contiguous
 // floats at PixelOffset(m) + ky·Wp·C. So a convolution is a GEMM of K = KH·KW·C whose "rows of
 // x" are KH contiguous segments found by pointer arithmetic: no patches are built.
-struct ConvGeometry {
-  int64_t hp, wp, c, ho, wo, kh, kw, stride;
+//
+// On small maps (the deep layers' 5x5 and 3x3) many taps fall in the zero border: 40 % of them
+// on 3x3 maps. There pixels are processed position by position (all images at one output
+// position, then the next), so every block of rows shares one range of in-image taps and
+// skips the rest.
+struct Taps {
+  int64_t ky_begin, ky_end, j_begin, j_end;  // Kernel rows; floats within a row's segment.
+};
 
+constexpr int64_t kPositionMajorMaxPixels = 36;
+
+struct ConvGeometry {
+  int64_t n, hp, wp, c, ho, wo, kh, kw, stride, pad;
+
+  bool PositionMajor() const { return pad > 0 && ho * wo <= kPositionMajorMaxPixels; }
+  int64_t Pixels() const { return n * ho * wo; }
   int64_t SegmentLength() const { return kw * c; }
   int64_t RowStride() const { return wp * c; }
+  // Consecutive pixels of the processing order that share their taps.
+  int64_t RunLength() const { return PositionMajor() ? n : Pixels(); }
+  // The output pixel (row-major index into (N, Ho, Wo)) at place q of the processing order.
+  int64_t Pixel(int64_t q) const { return PositionMajor() ? q % n * ho * wo + q / n : q; }
   int64_t PixelOffset(int64_t m) const {
     const int64_t image = m / (ho * wo), rest = m % (ho * wo);
     return ((image * hp + rest / wo * stride) * wp + rest % wo * stride) * c;
   }
+  // The taps inside the image for the run holding place q (all taps outside position order).
+  Taps TapsAt(int64_t q) const {
+    if (!PositionMajor()) return {0, kh, 0, SegmentLength()};
+    const int64_t position = q / n, oy = position / wo, ox = position % wo;
+    auto inside = [this](int64_t origin, int64_t size, int64_t extent) {
+      return std::pair<int64_t, int64_t>{std::clamp<int64_t>(pad - origin, 0, size),
+                                         std::clamp<int64_t>(extent - pad - origin, 0, size)};
+    };
+    const auto [ky_begin, ky_end] = inside(oy * stride, kh, hp);
+    const auto [kx_begin, kx_end] = inside(ox * stride, kw, wp);
+    return {ky_begin, ky_end, kx_begin * c, kx_end * c};
+  }
 };
 
-// Output pixels [m0, m0 + kRows) x one 32-column panel: y[m, col:col + 32] = patch(m) @ panel.
+// kRows output rows x one 32-column panel: out[i][0:32] = patch(rows[i]) @ panel over `taps`.
 template <int kRows>
-void ConvBlock(const float* x, const ConvGeometry& g, const float* panel, float* y,
-               int64_t n_dim, int64_t m0, int64_t col) {
+void ConvBlock(const float* const* rows, float* const* outs, const float* panel, const Taps& taps,
+               int64_t length, int64_t row_stride) {
   Vec16 lo[kRows], hi[kRows];
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = Vec16{};
-  const float* rows[kRows];
-  for (int i = 0; i < kRows; ++i) rows[i] = x + g.PixelOffset(m0 + i);
-  const int64_t length = g.SegmentLength();
-  for (int64_t ky = 0; ky < g.kh; ++ky) {
+  for (int64_t ky = taps.ky_begin; ky < taps.ky_end; ++ky) {
+    const float* segments[kRows];
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) segments[i] = rows[i] + ky * row_stride;
     const float* weights = panel + ky * length * kPanelWidth;
-    for (int64_t j = 0; j < length; ++j) {
+    for (int64_t j = taps.j_begin; j < taps.j_end; ++j) {
       const Vec16 w_lo = *reinterpret_cast<const Vec16*>(weights + j * kPanelWidth);
       const Vec16 w_hi = *reinterpret_cast<const Vec16*>(weights + j * kPanelWidth + 16);
 #pragma GCC unroll 16
       for (int i = 0; i < kRows; ++i) {
-        const float xv = rows[i][j];
+        const float xv = segments[i][j];
         lo[i] += xv * w_lo;
         hi[i] += xv * w_hi;
       }
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < kRows; ++i) rows[i] += g.RowStride();
   }
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
-    *reinterpret_cast<Vec16*>(y + (m0 + i) * n_dim + col) = lo[i];
-    *reinterpret_cast<Vec16*>(y + (m0 + i) * n_dim + col + 16) = hi[i];
+    *reinterpret_cast<Vec16*>(outs[i]) = lo[i];
+    *reinterpret_cast<Vec16*>(outs[i] + 16) = hi[i];
   }
 }
 
-using ConvBlockFn = void (*)(const float*, const ConvGeometry&, const float*, float*, int64_t,
+using ConvBlockFn = void (*)(const float* const*, float* const*, const float*, const Taps&,
                              int64_t, int64_t);
 
 template <int... kRows>
@@ -281,18 +308,19 @@ constexpr auto MakeConvBlockTable(std::integer_sequence<int, kRows...>) {
 }
 constexpr auto kConvBlocks = MakeConvBlockTable(std::make_integer_sequence<int, kMaxRows>{});
 
-// Kernel-gradient rows [k0, k0 + kRows) of one kernel row's segment (contiguous in every
-// pixel's receptive field) x one 32-column panel, summed over pixels [m0, m1) and added to dw.
+// Kernel-gradient rows [0, kRows) of `dw` (a 12-float stretch of one kernel row's segment, which
+// starts at `segment` in every pixel's receptive field) x one 32-column panel, summed over
+// `count` pixels and added to dw: dw[i] += sum_p segment[x_offsets[p] + i] * dy[dy_offsets[p]].
 template <int kRows>
-void KernelGradBlock(const float* x, const int64_t* offsets, const float* dy, int64_t n_dim,
-                     int64_t m0, int64_t m1, int64_t col, float* dw) {
+void KernelGradBlock(const float* segment, const int64_t* x_offsets, const float* dy,
+                     const int64_t* dy_offsets, int64_t count, float* dw, int64_t n_dim) {
   Vec16 lo[kRows], hi[kRows];
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = Vec16{};
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* patch = x + offsets[m - m0];
-    const Vec16 g_lo = *reinterpret_cast<const Vec16*>(dy + m * n_dim + col);
-    const Vec16 g_hi = *reinterpret_cast<const Vec16*>(dy + m * n_dim + col + 16);
+  for (int64_t p = 0; p < count; ++p) {
+    const float* patch = segment + x_offsets[p];
+    const Vec16 g_lo = *reinterpret_cast<const Vec16*>(dy + dy_offsets[p]);
+    const Vec16 g_hi = *reinterpret_cast<const Vec16*>(dy + dy_offsets[p] + 16);
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {
       const float xv = patch[i];
@@ -302,13 +330,13 @@ void KernelGradBlock(const float* x, const int64_t* offsets, const float* dy, in
   }
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
-    *reinterpret_cast<Vec16*>(dw + i * n_dim + col) += lo[i];
-    *reinterpret_cast<Vec16*>(dw + i * n_dim + col + 16) += hi[i];
+    *reinterpret_cast<Vec16*>(dw + i * n_dim) += lo[i];
+    *reinterpret_cast<Vec16*>(dw + i * n_dim + 16) += hi[i];
   }
 }
 
-using KernelGradBlockFn = void (*)(const float*, const int64_t*, const float*, int64_t, int64_t,
-                                   int64_t, int64_t, float*);
+using KernelGradBlockFn = void (*)(const float*, const int64_t*, const float*, const int64_t*,
+                                   int64_t, float*, int64_t);
 
 template <int... kRows>
 constexpr auto MakeKernelGradTable(std::integer_sequence<int, kRows...>) {
@@ -322,10 +350,10 @@ constexpr int64_t kGradPixelsPerBlock = 512;
 constexpr int64_t kGradPixelsPerChunk = 2048;
 
 ffi::Error CheckConvOperands(const ffi::Span<const int64_t>& x_dims, int64_t kh, int64_t kw,
-                             int64_t stride, int64_t n_dim, const ffi::Span<const int64_t>& y_dims,
-                             const char* what) {
+                             int64_t stride, int64_t pad, int64_t n_dim,
+                             const ffi::Span<const int64_t>& y_dims, const char* what) {
   if (x_dims.size() != 4 || y_dims.size() != 4 || y_dims[0] != x_dims[0] || kh <= 0 ||
-      kw <= 0 || stride <= 0 || n_dim % kPanelWidth != 0 || y_dims[3] != n_dim ||
+      kw <= 0 || stride <= 0 || pad < 0 || n_dim % kPanelWidth != 0 || y_dims[3] != n_dim ||
       (y_dims[1] - 1) * stride + kh > x_dims[1] || (y_dims[2] - 1) * stride + kw > x_dims[2]) {
     return ffi::Error::InvalidArgument(std::string("cpu_kernels ") + what +
                                        ": expected padded x (N, Hp, Wp, C), an output (N, Ho, Wo, "
@@ -334,15 +362,16 @@ ffi::Error CheckConvOperands(const ffi::Span<const int64_t>& x_dims, int64_t kh,
   return ffi::Error::Success();
 }
 
-// y (N, Ho, Wo, C_out) = conv(x, kernel), x padded, kernel packed as (C_out / 32, KH·KW·C, 32).
+// y (N, Ho, Wo, C_out) = conv(x, kernel), x padded (its outer `pad` rows and columns zeros),
+// kernel packed as (C_out / 32, KH·KW·C, 32). Tasks: up to 96 pixels of one run x one panel.
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y, int64_t kh,
-                       int64_t kw, int64_t stride) {
+                       int64_t kw, int64_t stride, int64_t pad) {
   const auto x_dims = x.dimensions();
   const auto p_dims = panels.dimensions();
   const auto y_dims = y->dimensions();
   const int64_t n_dim = y_dims.size() == 4 ? y_dims[3] : 0;
-  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, n_dim, y_dims, "conv");
+  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, pad, n_dim, y_dims, "conv");
       error.failure()) {
     return error;
   }
@@ -351,32 +380,45 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "cpu_kernels conv: expected panels (C_out / 32, KH * KW * C, 32)");
   }
-  const ConvGeometry g{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], kh, kw, stride};
-  const int64_t pixels = y_dims[0] * y_dims[1] * y_dims[2], k_dim = p_dims[1];
-  const int64_t blocks = (pixels + kConvPixelsPerTask - 1) / kConvPixelsPerTask;
+  const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
+                       y_dims[2], kh,        kw,        stride,    pad};
+  const int64_t run = g.RunLength(), k_dim = p_dims[1], panel_count = p_dims[0];
+  const int64_t blocks_per_run = (run + kConvPixelsPerTask - 1) / kConvPixelsPerTask;
+  const int64_t blocks = g.Pixels() / run * blocks_per_run;
   const float* x_data = x.typed_data();
   const float* panel_data = panels.typed_data();
   float* y_data = y->typed_data();
-  ParallelFor(pool, blocks * p_dims[0], [=, &g](int64_t task) {
-    const int64_t p = task % p_dims[0], block = task / p_dims[0];
+  ParallelFor(pool, blocks * panel_count, [=, &g](int64_t task) {
+    const int64_t p = task % panel_count, block = task / panel_count;
+    const int64_t run_begin = block / blocks_per_run * run;
+    const int64_t begin = run_begin + block % blocks_per_run * kConvPixelsPerTask;
+    const int64_t end = std::min(run_begin + run, begin + kConvPixelsPerTask);
     const float* panel = panel_data + p * k_dim * kPanelWidth;
-    const int64_t end = std::min(pixels, (block + 1) * kConvPixelsPerTask);
-    for (int64_t m0 = block * kConvPixelsPerTask; m0 < end; m0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, end - m0);
-      kConvBlocks[rows - 1](x_data, g, panel, y_data, n_dim, m0, p * kPanelWidth);
+    const Taps taps = g.TapsAt(begin);
+    const float* rows[kMaxRows];
+    float* outs[kMaxRows];
+    for (int64_t q0 = begin; q0 < end; q0 += kMaxRows) {
+      const int64_t count = std::min<int64_t>(kMaxRows, end - q0);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t m = g.Pixel(q0 + i);
+        rows[i] = x_data + g.PixelOffset(m);
+        outs[i] = y_data + m * n_dim + p * kPanelWidth;
+      }
+      kConvBlocks[count - 1](rows, outs, panel, taps, g.SegmentLength(), g.RowStride());
     }
   });
   return ffi::Error::Success();
 }
 
-// dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded.
-// Tasks are (pixel chunk, group of 32-column panels): each chunk sums into its own copy of dw
-// (added up at the end), so there are enough tasks to share while the copies stay few: many
-// pixels (high-resolution layers) split into chunks, wide kernels (deep layers) into groups.
-// Within a task, pixels go in blocks of kGradPixelsPerBlock: their dy rows and x patches stay in
-// L2 while every (12-row, 32-column) tile of dw is summed over them in registers.
+// dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded as for
+// ConvForward. Tasks are (pixel chunk, group of 32-column panels): each chunk sums into its own
+// copy of dw (added up at the end), so there are enough tasks to share while the copies stay
+// few: many pixels (high-resolution layers) split into chunks, wide kernels (deep layers) into
+// groups. Within a task, pixels go in blocks of up to kGradPixelsPerBlock (within one run):
+// their dy rows and x patches stay in L2 while every (12-row, 32-column) tile of dw is summed
+// over them in registers.
 ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                          ffi::ResultBuffer<ffi::F32> dw, int64_t stride) {
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad) {
   const auto x_dims = x.dimensions();
   const auto dy_dims = dy.dimensions();
   const auto w_dims = dw->dimensions();
@@ -385,12 +427,14 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
         "cpu_kernels conv_kernel_grad: expected dw (KH, KW, C, C_out) for x (N, Hp, Wp, C)");
   }
   const int64_t kh = w_dims[0], kw = w_dims[1], n_dim = w_dims[3];
-  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, n_dim, dy_dims, "conv_kernel_grad");
+  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, pad, n_dim, dy_dims,
+                                     "conv_kernel_grad");
       error.failure()) {
     return error;
   }
-  const ConvGeometry g{x_dims[1], x_dims[2], x_dims[3], dy_dims[1], dy_dims[2], kh, kw, stride};
-  const int64_t pixels = dy_dims[0] * dy_dims[1] * dy_dims[2], k_dim = kh * kw * g.c;
+  const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], dy_dims[1],
+                       dy_dims[2], kh,       kw,        stride,    pad};
+  const int64_t pixels = g.Pixels(), run = g.RunLength(), k_dim = kh * kw * g.c;
   const int64_t panels = n_dim / kPanelWidth;
   const int64_t wanted_tasks = 2 * (pool.num_threads() + 1);
   const int64_t chunks = std::clamp<int64_t>(pixels / kGradPixelsPerChunk, 1, wanted_tasks);
@@ -407,19 +451,25 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     for (int64_t k = 0; k < k_dim; ++k) {
       std::fill(sum + k * n_dim + col_begin, sum + k * n_dim + col_end, 0.0f);
     }
-    int64_t offsets[kGradPixelsPerBlock];
+    int64_t x_offsets[kGradPixelsPerBlock], dy_offsets[kGradPixelsPerBlock];
     const int64_t length = g.SegmentLength();
     const int64_t chunk_end = (chunk + 1) * pixels / chunks;
-    for (int64_t m0 = chunk * pixels / chunks; m0 < chunk_end; m0 += kGradPixelsPerBlock) {
-      const int64_t m1 = std::min(chunk_end, m0 + kGradPixelsPerBlock);
-      for (int64_t m = m0; m < m1; ++m) offsets[m - m0] = g.PixelOffset(m);
-      for (int64_t ky = 0; ky < kh; ++ky) {
-        for (int64_t j = 0; j < length; j += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, length - j);
+    for (int64_t q0 = chunk * pixels / chunks, q1; q0 < chunk_end; q0 = q1) {
+      q1 = std::min({chunk_end, q0 + kGradPixelsPerBlock, (q0 / run + 1) * run});
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t m = g.Pixel(q);
+        x_offsets[q - q0] = g.PixelOffset(m);
+        dy_offsets[q - q0] = m * n_dim;
+      }
+      const Taps taps = g.TapsAt(q0);
+      for (int64_t ky = taps.ky_begin; ky < taps.ky_end; ++ky) {
+        for (int64_t j = taps.j_begin; j < taps.j_end; j += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, taps.j_end - j);
           const float* segment = x_data + ky * g.RowStride() + j;
           float* out = sum + (ky * length + j) * n_dim;
           for (int64_t col = col_begin; col < col_end; col += kPanelWidth) {
-            kKernelGradBlocks[rows - 1](segment, offsets, dy_data, n_dim, m0, m1, col, out);
+            kKernelGradBlocks[rows - 1](segment, x_offsets, dy_data + col, dy_offsets, q1 - q0,
+                                        out + col, n_dim);
           }
         }
       }
@@ -556,7 +606,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConv, ConvForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("stride"));
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGrad, ConvKernelGrad,
                               ffi::Ffi::Bind()
@@ -564,7 +615,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGrad, ConvKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxMaxPool, MaxPool,
                               ffi::Ffi::Bind()

@@ -230,9 +230,11 @@ def conv_output_shape(x_padded_shape: tuple[int, ...], kernel_shape: tuple[int, 
   return n, (hp - kh) // stride + 1, (wp - kw) // stride + 1, c_out
 
 
-def conv(x_padded: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """Valid convolution of float32 x_padded (N, Hp, Wp, C) with kernel (KH, KW, C, C_out),
-  C_out a multiple of 32 → (N, Ho, Wo, C_out). Needs `enabled(jnp.float32)`."""
+  C_out a multiple of 32 → (N, Ho, Wo, C_out). `pad`: how many outer rows and columns of
+  x_padded on each side are zeros (taps there are skipped on small maps; 0 is always correct).
+  Needs `enabled(jnp.float32)`."""
   kh, kw, c, c_out = kernel.shape
   out_shape = conv_output_shape(x_padded.shape, kernel.shape, stride)
   _check_conv_operands('conv', x_padded, kernel.shape, out_shape)
@@ -240,13 +242,13 @@ def conv(x_padded: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   call = jax.ffi.ffi_call(_CONV_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
                           vmap_method='sequential')
   return call(x_padded, panels.transpose(1, 0, 2), kh=np.int64(kh), kw=np.int64(kw),
-              stride=np.int64(stride))
+              stride=np.int64(stride), pad=np.int64(pad))
 
 
 def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[int, ...],
-                     stride: int) -> jax.Array:
-  """The gradient of `conv(x_padded, kernel, stride)` with respect to the kernel, for the output
-  gradient `grad` (N, Ho, Wo, C_out) → (KH, KW, C, C_out). Needs `enabled(jnp.float32)`."""
+                     stride: int, pad: int) -> jax.Array:
+  """The gradient of `conv(x_padded, kernel, stride, pad)` with respect to the kernel, for the
+  output gradient `grad` (N, Ho, Wo, C_out) → (KH, KW, C, C_out). Needs `enabled(jnp.float32)`."""
   out_shape = conv_output_shape(x_padded.shape, kernel_shape, stride)
   _check_conv_operands('conv_kernel_grad', x_padded, kernel_shape, out_shape)
   if grad.shape != out_shape or grad.dtype != jnp.float32:
@@ -255,7 +257,7 @@ def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[i
   call = jax.ffi.ffi_call(_CONV_KERNEL_GRAD_TARGET,
                           jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                           vmap_method='sequential')
-  return call(x_padded, grad, stride=np.int64(stride))
+  return call(x_padded, grad, stride=np.int64(stride), pad=np.int64(pad))
 
 
 

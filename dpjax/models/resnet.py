@@ -64,11 +64,11 @@ class GroupNorm(nn.Module):
 
 
 # On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
-# the C++ kernels run every layer of a training batch fastest but tiny maps (the last stage's
-# 3×3), where 40 % of a padded convolution's products are with padding, which pays to skip from
-# a few dozen images on; under ~1,000 pixels (batch-1 sampling's deep stages) XLA is faster.
-# Without the kernels (no compiler, bfloat16): XLA's own kernel gradient is slow for wide,
-# high-resolution layers (stage 1 of the paper-sized ResNet: 19×19×64), so those use patches.
+# the C++ kernels run every layer of a training batch fastest; under ~1,000 pixels (batch-1
+# sampling's deep stages) XLA is faster. Without them (no compiler, bfloat16): XLA's own kernel
+# gradient is slow for wide, high-resolution layers (stage 1 of the paper-sized ResNet:
+# 19×19×64), so those use patches; tiny maps (the last stage's 3×3) waste 40 % of the products
+# on padding, which pays to skip from a few dozen images on.
 GEMM_KERNEL_GRAD_MIN_CHANNELS = 64
 GEMM_KERNEL_GRAD_MIN_PIXELS = 16 * 16
 TAP_GEMMS_MAX_SIDE = 4
@@ -83,11 +83,11 @@ def conv_method(input_shape: tuple[int, ...], kernel_shape: tuple[int, ...], str
   n, h, w, c = input_shape
   if backend != 'cpu':
     return 'xla'
-  if strides == 1 and max(h, w) <= TAP_GEMMS_MAX_SIDE and n >= TAP_GEMMS_MIN_IMAGES:
-    return 'tap_gemms'
   if n * h * w >= CPU_KERNELS_MIN_PIXELS and cpu_kernels.conv_supported(
       input_shape, kernel_shape, strides, dtype):
     return 'cpu_kernels'
+  if strides == 1 and max(h, w) <= TAP_GEMMS_MAX_SIDE and n >= TAP_GEMMS_MIN_IMAGES:
+    return 'tap_gemms'
   if c >= GEMM_KERNEL_GRAD_MIN_CHANNELS and h * w >= GEMM_KERNEL_GRAD_MIN_PIXELS:
     return 'gemm_kernel_grad'
   return 'xla'
