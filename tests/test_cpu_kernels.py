@@ -266,3 +266,23 @@ def test_max_pool_records_the_first_maximum_and_refuses_bad_operands():
     cpu_kernels.max_pool_grad(argmax, jnp.ones((1, 2, 2, 3)), x.shape)
   with pytest.raises(ValueError, match=r'expected float32 x \(N, H, W, C\), got float32 \(4, 4\)'):
     cpu_kernels.max_pool(jnp.ones((4, 4)))
+
+
+def test_disabled_traces_with_xla_ops_and_no_trace_crosses_it():
+  kernel, bias = _layer(16, 64)
+  packed_shape = lambda: jax.eval_shape(
+      lambda k, b: cpu_kernels.pack_dense(k, b, jnp.float32), kernel, bias).kernel.shape
+  assert packed_shape() == (2, 16, 32)
+  with cpu_kernels.disabled():
+    assert not cpu_kernels.enabled(jnp.float32) and packed_shape() == (16, 64)
+    with cpu_kernels.disabled():  # Nests.
+      assert not cpu_kernels.enabled(jnp.float32)
+    assert not cpu_kernels.enabled(jnp.float32)
+  assert cpu_kernels.enabled(jnp.float32) and packed_shape() == (2, 16, 32)
+  # One jitted function: traced anew inside, and anew again outside.
+  pool = jax.jit(lambda x: conv_ops.max_pool_3x3_stride2(x))
+  images = jnp.ones((1, 4, 4, 2))
+  assert 'dpjax_max_pool' in pool.lower(images).as_text()
+  with cpu_kernels.disabled():
+    assert 'dpjax_max_pool' not in pool.lower(images).as_text()
+  assert 'dpjax_max_pool' in pool.lower(images).as_text()

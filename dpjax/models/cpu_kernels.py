@@ -23,6 +23,7 @@ installed jaxlib's FFI headers, for this CPU (`-march=native`), into $DPJAX_KERN
 Without a compiler, everything falls back to XLA's ops with one warning.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -125,14 +126,32 @@ def kernels_available() -> bool:
   return True
 
 
+_disabled_depth = 0
+
+
+@contextlib.contextmanager
+def disabled():
+  """Computations traced inside this context use XLA's ops only (`enabled` is False): to count
+  FLOPs with XLA's cost analysis, which cannot see into a custom call, or to compare. jit's
+  trace caches are cleared on entry and exit, so no trace crosses the boundary."""
+  global _disabled_depth
+  jax.clear_caches()
+  _disabled_depth += 1
+  try:
+    yield
+  finally:
+    _disabled_depth -= 1
+    jax.clear_caches()
+
+
 def enabled(dtype: Any) -> bool:
   """Whether computations in `dtype` on the default backend run on these kernels.
 
   Only on a single CPU device: XLA's SPMD partitioner cannot split a custom call, so over a
   multi-device mesh it would gather the whole batch to every device for each kernel call.
   """
-  return (dtype == jnp.float32 and jax.default_backend() == 'cpu' and jax.device_count() == 1
-          and kernels_available())
+  return (dtype == jnp.float32 and not _disabled_depth and jax.default_backend() == 'cpu'
+          and jax.device_count() == 1 and kernels_available())
 
 
 def pack_dense(kernel: jax.Array, bias: jax.Array, dtype: Any) -> PackedDense:
