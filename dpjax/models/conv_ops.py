@@ -158,7 +158,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') ->
   if method == 'cpu_kernels':
     if not cpu_kernels.conv_supported(x.shape, kernel.shape, stride, x.dtype):
       raise ValueError(f"conv2d: method 'cpu_kernels' cannot run x {x.dtype} {x.shape} with "
-                       f'kernel {kernel.shape} and stride {stride} (see cpu_kernels.conv_supported)')
+                       f'kernel {kernel.shape} and stride {stride} '
+                       '(see cpu_kernels.conv_supported)')
     return _conv_cpu_kernels(x, kernel, stride)
   if method == 'tap_gemms':
     if stride != 1:
