@@ -262,6 +262,10 @@ def test_max_pool_records_the_first_maximum_and_refuses_bad_operands():
   assert pooled[0, 1, 1, 0] == 5.0 and argmax[0, 1, 1, 0] == 1
   assert pooled[0, 1, 1, 1] == 1.0 and argmax[0, 1, 1, 1] == 8
   assert argmax[0, 0, 0, 1] == 4  # All zeros: the first in-image offset, (1, 1) (padding first).
+  x[0, 0, 0, 0] = np.nan  # A NaN wins its windows, as in torch and XLA's reduce_window max.
+  pooled, argmax = jax.jit(cpu_kernels.max_pool)(jnp.asarray(x))
+  assert np.isnan(pooled[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 4
+  assert pooled[0, 1, 1, 0] == 5.0
   with pytest.raises(ValueError, match=r'expected int8 argmax and float32 grad \(1, 2, 2, 2\)'):
     cpu_kernels.max_pool_grad(argmax, jnp.ones((1, 2, 2, 3)), x.shape)
   with pytest.raises(ValueError, match=r'expected float32 x \(N, H, W, C\), got float32 \(4, 4\)'):

@@ -488,8 +488,8 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 }
 
 // torch's MaxPool2d(3, stride=2, padding=1) over NHWC x, one image per task. Besides the maxima,
-// records which of the 9 window offsets (row-major) held each one: the first maximum, as torch
-// does, so the backward pass routes every output gradient to exactly that input.
+// records which of the 9 window offsets (row-major) held each one: the first maximum (the last
+// NaN, if any), as torch does, so the backward pass routes every output gradient to that input.
 constexpr int64_t kPoolWindow = 3, kPoolStride = 2, kPoolPad = 1;
 
 ffi::Error MaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
@@ -525,7 +525,8 @@ ffi::Error MaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
             const float* pixel = image + (iy * w + ix) * c;
             const int8_t offset = static_cast<int8_t>(ky * kPoolWindow + kx);
             for (int64_t j = 0; j < c; ++j) {
-              const bool larger = pixel[j] > best[j];  // Strict: ties keep the earlier offset.
+              // Strict: ties keep the earlier offset. A NaN always wins, as in torch.
+              const bool larger = pixel[j] > best[j] || std::isnan(pixel[j]);
               best[j] = larger ? pixel[j] : best[j];
               which[j] = larger ? offset : which[j];
             }
