@@ -26,6 +26,7 @@ order); `conv2d` offers three other formulations of the same convolution:
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +75,17 @@ def _conv_forward(x, kernel, stride):
   return _xla_conv(x, kernel, stride), (x, kernel)
 
 
+def _xla_input_grad(x_like: Any, kernel: jax.Array, stride: int, grad: jax.Array) -> jax.Array:
+  """The gradient of `_xla_conv` with respect to its input, whose shape and dtype `x_like` (an
+  array or jax.ShapeDtypeStruct) gives."""
+  (grad_x,) = jax.linear_transpose(lambda inputs: _xla_conv(inputs, kernel, stride),
+                                   x_like)(grad)
+  return grad_x
+
+
 def _conv_backward(stride, residuals, grad):
   x, kernel = residuals
-  (grad_x,) = jax.linear_transpose(lambda inputs: _xla_conv(inputs, kernel, stride), x)(grad)
+  grad_x = _xla_input_grad(x, kernel, stride, grad)
   n, out_h, out_w, out_c = grad.shape
   patches = _patches(x, kernel.shape[0], stride)
   # (C_out, M) @ (M, k·k·C_in), transposed: the faster operand order for XLA:CPU here.
@@ -130,10 +139,9 @@ def _cpu_kernels_backward(stride, residuals, grad):
     mirrored = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     grad_x = cpu_kernels.conv(_pad_same(grad, kernel.shape[0]), mirrored, 1, pad)
   else:
-    x_shape = jax.ShapeDtypeStruct((x_padded.shape[0], x_padded.shape[1] - 2 * pad,
-                                    x_padded.shape[2] - 2 * pad, x_padded.shape[3]), grad.dtype)
-    (grad_x,) = jax.linear_transpose(lambda inputs: _xla_conv(inputs, kernel, stride),
-                                     x_shape)(grad)
+    n, hp, wp, c = x_padded.shape
+    x = jax.ShapeDtypeStruct((n, hp - 2 * pad, wp - 2 * pad, c), grad.dtype)
+    grad_x = _xla_input_grad(x, kernel, stride, grad)
   return grad_x, grad_kernel
 
 
@@ -195,8 +203,7 @@ def _max_pool_cpu_kernels(x: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
 
 def _cpu_kernels_pool_forward(x, x_shape):
   del x_shape
-  pooled, argmax = cpu_kernels.max_pool(x)
-  return pooled, argmax
+  return cpu_kernels.max_pool(x)  # (pooled, residual argmax)
 
 
 def _cpu_kernels_pool_backward(x_shape, argmax, grad):

@@ -224,7 +224,6 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-
 // A convolution over an already padded NHWC input x (N, Hp, Wp, C) with a (KH, KW, C, C_out)
 // kernel: output pixel m = (image, row, col) reads, for each kernel row ky, the KW·C contiguous
 // floats at PixelOffset(m) + ky·Wp·C. So a convolution is a GEMM of K = KH·KW·C whose "rows of

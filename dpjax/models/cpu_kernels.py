@@ -162,10 +162,14 @@ def pack_dense(kernel: jax.Array, bias: jax.Array, dtype: Any) -> PackedDense:
   kernel, bias = kernel.astype(dtype), bias.astype(dtype)
   if not enabled(dtype):
     return PackedDense(kernel, bias)
+  return PackedDense(_panels(jnp.pad(kernel, ((0, 0), (0, -kernel.shape[1] % PANEL_WIDTH)))),
+                     bias)
+
+
+def _panels(kernel: jax.Array) -> jax.Array:
+  """(K, N) with N a multiple of 32 → the kernels' (N / 32, K, 32) contiguous column panels."""
   k, n = kernel.shape
-  padded = -n % PANEL_WIDTH
-  panels = jnp.pad(kernel, ((0, 0), (0, padded))).reshape(k, -1, PANEL_WIDTH)
-  return PackedDense(panels.transpose(1, 0, 2), bias)
+  return kernel.reshape(k, n // PANEL_WIDTH, PANEL_WIDTH).transpose(1, 0, 2)
 
 
 def dense(layer: PackedDense, x: jax.Array) -> jax.Array:
@@ -220,7 +224,6 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
   return rows.reshape(x.shape)
 
 
-
 def _check_conv_operands(where: str, x_padded: jax.Array, kernel_shape: tuple[int, ...],
                          out_shape: tuple[int, ...]) -> None:
   kh, kw, c, c_out = kernel_shape
@@ -241,7 +244,7 @@ def conv_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stri
           (stride != 1 or c % PANEL_WIDTH == 0) and enabled(dtype))
 
 
-def conv_output_shape(x_padded_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+def _conv_output_shape(x_padded_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                       stride: int) -> tuple[int, int, int, int]:
   """(N, Ho, Wo, C_out) of a valid (unpadded) convolution over an already padded input."""
   n, hp, wp, _ = x_padded_shape
@@ -255,12 +258,12 @@ def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.A
   x_padded on each side are zeros (taps there are skipped on small maps; 0 is always correct).
   Needs `enabled(jnp.float32)`."""
   kh, kw, c, c_out = kernel.shape
-  out_shape = conv_output_shape(x_padded.shape, kernel.shape, stride)
+  out_shape = _conv_output_shape(x_padded.shape, kernel.shape, stride)
   _check_conv_operands('conv', x_padded, kernel.shape, out_shape)
-  panels = kernel.astype(jnp.float32).reshape(kh * kw * c, c_out // PANEL_WIDTH, PANEL_WIDTH)
+  panels = _panels(kernel.astype(jnp.float32).reshape(kh * kw * c, c_out))
   call = jax.ffi.ffi_call(_CONV_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
                           vmap_method='sequential')
-  return call(x_padded, panels.transpose(1, 0, 2), kh=np.int64(kh), kw=np.int64(kw),
+  return call(x_padded, panels, kh=np.int64(kh), kw=np.int64(kw),
               stride=np.int64(stride), pad=np.int64(pad))
 
 
@@ -268,7 +271,7 @@ def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[i
                      stride: int, pad: int) -> jax.Array:
   """The gradient of `conv(x_padded, kernel, stride, pad)` with respect to the kernel, for the
   output gradient `grad` (N, Ho, Wo, C_out) → (KH, KW, C, C_out). Needs `enabled(jnp.float32)`."""
-  out_shape = conv_output_shape(x_padded.shape, kernel_shape, stride)
+  out_shape = _conv_output_shape(x_padded.shape, kernel_shape, stride)
   _check_conv_operands('conv_kernel_grad', x_padded, kernel_shape, out_shape)
   if grad.shape != out_shape or grad.dtype != jnp.float32:
     raise ValueError(f'cpu_kernels.conv_kernel_grad: expected float32 grad {out_shape}, got '
@@ -279,7 +282,6 @@ def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[i
   return call(x_padded, grad, stride=np.int64(stride), pad=np.int64(pad))
 
 
-
 def _pooled_shape(x_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
   n, h, w, c = x_shape
   return n, (h - 1) // 2 + 1, (w - 1) // 2 + 1, c
@@ -287,7 +289,8 @@ def _pooled_shape(x_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
 
 def max_pool(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """torch's MaxPool2d(3, stride=2, padding=1) of float32 x (N, H, W, C) → the maxima and, as
-  int8, which of the 9 window offsets (row-major; the first maximum) held each, both (N,
+  int8, which of the 9 window offsets (row-major; the first maximum, or the last NaN) held each,
+  both (N,
   ceil(H/2), ceil(W/2), C). Needs `enabled(jnp.float32)`."""
   if x.dtype != jnp.float32 or x.ndim != 4:
     raise ValueError(f'cpu_kernels.max_pool: expected float32 x (N, H, W, C), got {x.dtype} '
