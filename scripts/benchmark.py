@@ -3,6 +3,7 @@
     python scripts/benchmark.py                       # all but torch_reference, full size
     python scripts/benchmark.py --only predict,train  # a selection
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
+    python scripts/benchmark.py --only predict --compute-dtype bfloat16  # mixed precision
     python scripts/benchmark.py --only torch_reference  # the same work in PyTorch, this machine
 
 Prints one JSON document and writes it to `--output` (default `benchmark.json`). Each time is
@@ -126,8 +127,10 @@ def _synthetic_batch(config, shape_meta: ShapeMeta, batch: int, seed: int = 0):
   return {'obs': obs, 'action': action}
 
 
-def _variant(name: str, quick: bool) -> ml_collections.ConfigDict:
-  return lift.get_config('smoke' if quick else name)
+def _variant(name: str, args) -> ml_collections.ConfigDict:
+  config = lift.get_config('smoke' if args.quick else name)
+  config.model.compute_dtype = args.compute_dtype
+  return config
 
 
 def _denoise_step_flops(policy: DiffusionPolicy, variables, batch: int) -> float:
@@ -149,7 +152,7 @@ def bench_predict(args) -> dict[str, Any]:
   (num_inference_steps - 1) network evaluations (an upper bound: the sampler's own step reuses
   the step-invariant cross-attention keys and values).
   """
-  config = _variant('default', args.quick)
+  config = _variant('default', args)
   shape_meta = ShapeMeta.from_config(config.task.shape_meta)
   normalizer = _synthetic_normalizer(shape_meta)
   samplers = (('ddpm', 4), ('ddim', 2)) if args.quick else (('ddpm', 100), ('ddim', 16))
@@ -185,7 +188,7 @@ def bench_train(args) -> dict[str, Any]:
   variants = ('smoke',) if args.quick else ('default', 'cpu')
   results = {}
   for variant in variants:
-    config = lift.get_config(variant)
+    config = _variant(variant, args)
     shape_meta = ShapeMeta.from_config(config.task.shape_meta)
     policy = DiffusionPolicy(config, shape_meta, _synthetic_normalizer(shape_meta))
     tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=1000)
@@ -227,11 +230,11 @@ def bench_encoder(args) -> dict[str, Any]:
   """One camera's ResNet-18 trunk, forward and forward+backward (parameter gradients), on the
   images of a batch-64 training step (128 crops): the part of the step that dominates on CPU."""
   from dpjax.models.resnet import ResNet18  # pylint: disable=g-import-not-at-top
-  config = _variant('default', args.quick)
+  config = _variant('default', args)
   images = 8 if args.quick else 128
   width = int(config.model.resnet_width)
   x = jax.random.uniform(jax.random.key(0), (images,) + tuple(config.data.crop_shape) + (3,))
-  model = ResNet18(width)
+  model = ResNet18(width, dtype=jnp.dtype(config.model.compute_dtype))
   variables = jax.jit(model.init)(jax.random.key(1), x[:1])
   loss = lambda v, x: jnp.sum(jnp.square(model.apply(v, x)))
   return {'images': images, 'resnet_width': width,
@@ -306,7 +309,7 @@ def bench_torch_reference(args) -> dict[str, Any]:
   """The reference's predict_action (DDPM-100) and training step in PyTorch (torch_reference.py),
   on all cores: the comparison the speed targets are stated against, measured here."""
   import torch_reference  # pylint: disable=g-import-not-at-top  # torch: requirements-test.txt
-  config = _variant('default', args.quick)
+  config = _variant('default', args)
   return torch_reference.benchmark(
       config, predict_batches=(1, 2) if args.quick else (1, 28),
       predict_steps=int(config.diffusion.num_train_timesteps), train_batch=4 if args.quick else 64,
@@ -351,6 +354,9 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--dataset', default=None,
                       help='prepared TFDS dataset dir for the pipeline figure (default: '
                       'synthetic in-memory episodes)')
+  parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help="the model's compute dtype (config.model.compute_dtype) for the "
+                      'predict, train and encoder figures; parameters stay float32')
   parser.add_argument('--output', default='benchmark.json')
   args = parser.parse_args(argv)
   args.repeats = args.repeats or (2 if args.quick else 5)
@@ -363,7 +369,7 @@ def main(argv=None) -> dict[str, Any]:
              'pipeline': bench_pipeline, 'env': bench_env,
              'torch_reference': bench_torch_reference}
   report: dict[str, Any] = {'system': system_info(), 'quick': args.quick,
-                            'repeats': args.repeats}
+                            'repeats': args.repeats, 'compute_dtype': args.compute_dtype}
   for name in selected:
     print(f'benchmark: {name} ...', file=sys.stderr, flush=True)
     report[name] = benches[name](args)

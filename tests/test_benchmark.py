@@ -47,3 +47,14 @@ def test_quick_benchmark_reports_every_field(tmp_path):
   for name in ('predict_ddpm10_batch1', 'predict_ddpm10_batch2', 'train_batch4',
                'encoder_forward', 'encoder_forward_backward'):
     assert torch_reference[name]['median_s'] > 0, name
+
+
+def test_quick_benchmark_in_mixed_precision(tmp_path):
+  output = tmp_path / 'bench.json'
+  subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick',
+                  '--only', 'predict', '--compute-dtype', 'bfloat16', '--output', str(output)],
+                 check=True, cwd=tmp_path, timeout=900)
+  report = json.loads(output.read_text())
+  assert report['compute_dtype'] == 'bfloat16'
+  for name, result in report['predict']['results'].items():
+    assert result['median_s'] > 0 and result['flops'] > 0, name

@@ -82,12 +82,35 @@ def test_packed_dense_inside_a_scan_gives_the_xla_result():
 
 def test_other_dtypes_keep_the_plain_layout():
   kernel, bias = _layer(16, 8)
-  layer = cpu_kernels.pack_dense(jnp.asarray(kernel), jnp.asarray(bias), jnp.bfloat16)
-  assert layer.kernel.shape == (16, 8) and layer.kernel.dtype == jnp.bfloat16
+  layer = cpu_kernels.pack_dense(jnp.asarray(kernel), jnp.asarray(bias), jnp.float16)
+  assert layer.kernel.shape == (16, 8) and layer.kernel.dtype == jnp.float16
   out = cpu_kernels.dense(layer, jnp.ones((2, 16), jnp.float32))
-  assert out.dtype == jnp.bfloat16
+  assert out.dtype == jnp.float16
   np.testing.assert_allclose(out.astype(np.float32), np.broadcast_to(kernel.sum(0) + bias, (2, 8)),
-                             rtol=2e-2, atol=0.1)
+                             rtol=2e-3, atol=0.02)
+
+
+def _bfloat16_values(a):
+  return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize('lead,k,n', [((1, 10), 256, 1024), ((13,), 1024, 256), ((2, 10), 256, 7),
+                                      ((3,), 40, 100)])
+def test_bfloat16_dense_sums_bfloat16_products_in_float32(lead, k, n):
+  if not cpu_kernels._bf16_dense_enabled():  # pylint: disable=protected-access
+    pytest.skip('this CPU has no AVX512-BF16')
+  kernel, bias = _layer(k, n)
+  x = np.random.default_rng(1).standard_normal(lead + (k,)).astype(np.float32)
+  layer = cpu_kernels.pack_dense(jnp.asarray(kernel), jnp.asarray(bias), jnp.bfloat16)
+  assert layer.kernel.shape == (-(-n // 32), k // 2, 32, 2)
+  assert layer.kernel.dtype == jnp.bfloat16
+  got = jax.jit(cpu_kernels.dense)(layer, jnp.asarray(x))
+  assert got.shape == lead + (n,) and got.dtype == jnp.bfloat16
+  # The same bfloat16 operands, products summed in float64, rounded once to bfloat16: equal to
+  # within one bfloat16 rounding step (2^-8 relative) of the float32 sums.
+  expected = _bfloat16_values(x) @ _bfloat16_values(kernel) + _bfloat16_values(bias)
+  np.testing.assert_allclose(np.asarray(got, np.float64), _bfloat16_values(expected),
+                             rtol=2 ** -7, atol=1e-3)
 
 
 def test_bad_shapes_are_refused():
@@ -96,7 +119,7 @@ def test_bad_shapes_are_refused():
                                        r'\(9,\)'):
     cpu_kernels.pack_dense(jnp.asarray(kernel), jnp.zeros(9), jnp.float32)
   layer = cpu_kernels.pack_dense(jnp.asarray(kernel), jnp.asarray(bias), jnp.float32)
-  with pytest.raises(ValueError, match=r'float32 x \(\.\.\., 16\).*\(2, 15\)'):
+  with pytest.raises(ValueError, match=r'x \(\.\.\., 16\) for the packed kernel, got \(2, 15\)'):
     cpu_kernels.dense(layer, jnp.ones((2, 15)))
   # The C++ handler checks its operands itself.
   wrong_width = jnp.zeros((1, 16, 16), jnp.float32)
@@ -290,3 +313,18 @@ def test_disabled_traces_with_xla_ops_and_no_trace_crosses_it():
   with cpu_kernels.disabled():
     assert 'dpjax_max_pool' not in pool.lower(images).as_text()
   assert 'dpjax_max_pool' in pool.lower(images).as_text()
+
+
+@pytest.mark.parametrize('kernel_shape', [(3, 3, 64, 96), (7, 7, 3, 64), (1, 1, 256, 32)])
+def test_conv_kernel_packing_matches_the_numpy_layouts(kernel_shape):
+  kernel = np.random.default_rng(0).standard_normal(kernel_shape).astype(np.float32)
+  kh, kw, c, c_out = kernel_shape
+  pack = jax.jit(cpu_kernels._pack_conv_kernel, static_argnums=1)  # pylint: disable=protected-access
+  # Panel p, row (ky, kx, ci), lane i = kernel[ky, kx, ci, 32 p + i].
+  plain = kernel.reshape(kh * kw * c, c_out // 32, 32).transpose(1, 0, 2)
+  np.testing.assert_array_equal(pack(jnp.asarray(kernel), False), plain)
+  if c % 32 == 0:
+    # The input gradient's kernel: mirrored in space, channel axes swapped.
+    swapped = np.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    mirrored = swapped.reshape(kh * kw * c_out, c // 32, 32).transpose(1, 0, 2)
+    np.testing.assert_array_equal(pack(jnp.asarray(kernel), True), mirrored)

@@ -713,3 +713,28 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, cpu_kernels,
     got = transformer_lib.cached_denoise(model, params['params'], cache, sample,
                                          jnp.int32(step))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('cpu_kernels', [True, False])
+def test_cached_denoise_in_bfloat16_follows_the_module(cpu_kernels, monkeypatch):
+  """Mixed precision: the cache's step (bfloat16 dense kernel where the CPU has AVX512-BF16,
+  float32 attention and LayerNorm kernels) stays within bfloat16 rounding of the module's
+  bfloat16 eval-mode outputs, and of float32."""
+  if not cpu_kernels:
+    monkeypatch.setattr(cpu_kernels_lib, '_usable', lambda: False)
+  outputs = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model, params, (sample, _, cond) = _small_transformer_with_params(cond_dim=5, dtype=dtype)
+    timesteps = jnp.array([99, 3])
+    cache = transformer_lib.decoding_cache(model, params['params'], timesteps, cond)
+    outputs[dtype] = [
+        (_jit_apply(model)(params, sample, jnp.full((sample.shape[0],), t), cond, train=False),
+         transformer_lib.cached_denoise(model, params['params'], cache, sample, jnp.int32(step)))
+        for step, t in enumerate(timesteps)]
+  # pylint: disable-next=protected-access
+  uses_bf16_kernel = cpu_kernels and cpu_kernels_lib._bf16_dense_enabled()
+  assert cache.layers[0].ffn_in.kernel.ndim == (4 if uses_bf16_kernel else 2)
+  for (module_f32, _), (module_bf16, cached_bf16) in zip(*outputs.values()):
+    assert cached_bf16.dtype == jnp.float32
+    np.testing.assert_allclose(cached_bf16, module_bf16, atol=0.05)
+    np.testing.assert_allclose(cached_bf16, module_f32, atol=0.05)

@@ -136,8 +136,7 @@ def _cpu_kernels_backward(stride, residuals, grad):
   if stride == 1:
     # A stride-1 convolution's input gradient is the convolution of the padded output gradient
     # with the kernel mirrored in space and transposed in channels.
-    mirrored = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    grad_x = cpu_kernels.conv(_pad_same(grad, kernel.shape[0]), mirrored, 1, pad)
+    grad_x = cpu_kernels.conv(_pad_same(grad, kernel.shape[0]), kernel, 1, pad, mirror=True)
   else:
     n, hp, wp, c = x_padded.shape
     x = jax.ShapeDtypeStruct((n, hp - 2 * pad, wp - 2 * pad, c), grad.dtype)

@@ -409,11 +409,16 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
   tgt_mask = self_mask[:t, :t] if model.causal_attn else None
   mem_mask = memory_mask[:t] if model.causal_attn and model.obs_as_cond else None
 
-  if cpu_kernels.enabled(dtype):
-    attend = functools.partial(cpu_kernels.attention, num_heads=h)
+  if cpu_kernels.enabled(jnp.float32):
+    # The attention and LayerNorm kernels compute in float32: under mixed precision, on
+    # bfloat16 inputs made exact in float32 (softmax and statistics are float32 either way).
+    def attend(q, k, v, mask):
+      f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+      return cpu_kernels.attention(f32(q), f32(k), f32(v), h, mask).astype(dtype)
 
     def normalize(p, x):
-      return cpu_kernels.layer_norm(x, p['scale'], p['bias'], LAYER_NORM_EPS)
+      return cpu_kernels.layer_norm(x.astype(jnp.float32), p['scale'], p['bias'],
+                                    LAYER_NORM_EPS).astype(dtype)
   else:
     attend = functools.partial(_attend, num_heads=h, dtype=dtype)
     normalize = functools.partial(_normalize, dtype=dtype)
