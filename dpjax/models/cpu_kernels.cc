@@ -112,6 +112,20 @@ constexpr auto MakeBlockTable(std::integer_sequence<int, kRows...>) {
 // kBlocks[r - 1] handles r rows.
 constexpr auto kBlocks = MakeBlockTable(std::make_integer_sequence<int, kMaxRows>{});
 
+// y = x @ W over W's 32-column panels (`panel_size` elements each), one panel per task, up to
+// kMaxRows rows of x per call of `blocks` (indexed by rows - 1); `depth` is the blocks' K.
+template <typename Blocks, typename X, typename W>
+void DenseOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const X* x, const W* panels,
+                     float* y, int64_t panel_count, int64_t panel_size, int64_t depth,
+                     int64_t m_dim, int64_t n_dim) {
+  ParallelFor(pool, panel_count, [=, &blocks](int64_t p) {
+    for (int64_t m0 = 0; m0 < m_dim; m0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, m_dim - m0);
+      blocks[rows - 1](x, panels + p * panel_size, y, depth, n_dim, m0, p * kPanelWidth);
+    }
+  });
+}
+
 ffi::Error PackedDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
   const auto x_dims = x.dimensions();
@@ -127,13 +141,8 @@ ffi::Error PackedDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* x_data = x.typed_data();
   const float* panel_data = panels.typed_data();
   float* y_data = y->typed_data();
-  ParallelFor(pool, p_dims[0], [=](int64_t p) {
-    const float* panel = panel_data + p * k_dim * kPanelWidth;
-    for (int64_t m0 = 0; m0 < m_dim; m0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, m_dim - m0);
-      kBlocks[rows - 1](x_data, panel, y_data, k_dim, n_dim, m0, p * kPanelWidth);
-    }
-  });
+  DenseOverPanels(pool, kBlocks, x_data, panel_data, y_data, p_dims[0], k_dim * kPanelWidth,
+                  k_dim, m_dim, n_dim);
   return ffi::Error::Success();
 }
 
@@ -193,13 +202,8 @@ ffi::Error PackedDenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   const uint16_t* x_data = reinterpret_cast<const uint16_t*>(x.typed_data());
   const uint16_t* panel_data = reinterpret_cast<const uint16_t*>(panels.typed_data());
   float* y_data = y->typed_data();
-  ParallelFor(pool, p_dims[0], [=](int64_t p) {
-    const uint16_t* panel = panel_data + p * k_pairs * 2 * kPanelWidth;
-    for (int64_t m0 = 0; m0 < m_dim; m0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, m_dim - m0);
-      kBlocksBf16[rows - 1](x_data, panel, y_data, k_pairs, n_dim, m0, p * kPanelWidth);
-    }
-  });
+  DenseOverPanels(pool, kBlocksBf16, x_data, panel_data, y_data, p_dims[0],
+                  k_pairs * 2 * kPanelWidth, k_pairs, m_dim, n_dim);
   return ffi::Error::Success();
 }
 #else
