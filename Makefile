@@ -1,12 +1,18 @@
-# Two entry points: `make train` (main job) and `make test`. Each creates the virtual
+# Entry points: `make train` (main job), `make test`, `make benchmark`. Each creates the virtual
 # environment and installs the pinned requirements on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/lift.py
 export MUJOCO_GL ?= egl
+# Python runs on tcmalloc where it is installed: XLA:CPU allocates every step's temporaries afresh
+# (1.15 GB for the default training step) and glibc hands such blocks back to the kernel on free,
+# so each step page-faults and zeroes them again; tcmalloc keeps them for reuse
+# (docs/performance.md). Looked up when a recipe runs, after install_system_deps.sh.
+TCMALLOC = $(shell ldconfig -p | awk '/libtcmalloc_minimal\.so\.4 /{print $$NF; exit}')
+RUN = $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) $(PY)
 
-.PHONY: train test system-deps
+.PHONY: train test benchmark
 
 $(VENV)/.installed: requirements.txt
 	bash scripts/install_system_deps.sh
@@ -20,9 +26,13 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	touch $@
 
 train: $(VENV)/.installed
-	$(PY) launch.py --config $(CONFIG) $(ARGS)
+	$(RUN) launch.py --config $(CONFIG) $(ARGS)
 
 # tests/rendering runs in its own process: MuJoCo rendering crashes next to TensorFlow.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests/rendering $(ARGS)
-	$(PY) -m pytest -q tests --ignore=tests/rendering $(ARGS)
+	$(RUN) -m pytest -q tests/rendering $(ARGS)
+	$(RUN) -m pytest -q tests --ignore=tests/rendering $(ARGS)
+
+# The torch_reference figure needs requirements-test.txt.
+benchmark: $(VENV)/.installed-test
+	$(RUN) scripts/benchmark.py $(ARGS)

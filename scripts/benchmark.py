@@ -5,6 +5,7 @@
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
     python scripts/benchmark.py --only predict --compute-dtype bfloat16  # mixed precision
     python scripts/benchmark.py --only torch_reference  # the same work in PyTorch, this machine
+    make benchmark ARGS="--only predict,train"        # as `make train` runs: on tcmalloc
 
 Prints one JSON document and writes it to `--output` (default `benchmark.json`). Each time is
 the median of `--repeats` timed runs after a warm-up call; compilation is timed separately.
@@ -316,6 +317,20 @@ def bench_torch_reference(args) -> dict[str, Any]:
       repeats=args.repeats, threads=os.cpu_count() or 1)
 
 
+def host_allocator() -> str | None:
+  """The malloc this process runs on (`make` preloads tcmalloc), from its mapped libraries;
+  None where /proc is missing."""
+  try:
+    with open('/proc/self/maps') as maps:
+      libraries = maps.read()
+  except OSError:
+    return None
+  for name in ('tcmalloc', 'jemalloc'):
+    if f'lib{name}' in libraries:
+      return name
+  return 'system'
+
+
 def system_info() -> dict[str, Any]:
   device = jax.devices()[0]
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -327,6 +342,7 @@ def system_info() -> dict[str, Any]:
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'threads': {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS',
                                                  'TF_NUM_INTRAOP_THREADS')},
+      'host_allocator': host_allocator(),
       'date': time.strftime('%Y-%m-%d'),
       'cpu_kernels': cpu_kernels.enabled(jnp.float32),
   }

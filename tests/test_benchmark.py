@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,8 +21,10 @@ def test_quick_benchmark_reports_every_field(tmp_path):
 
   assert report['quick'] is True
   for key in ('device_kind', 'platform', 'device_count', 'jax', 'jaxlib', 'cpu_count', 'threads',
-              'cpu_kernels'):
+              'cpu_kernels', 'host_allocator'):
     assert key in report['system'], key
+  preloaded = 'tcmalloc' if 'tcmalloc' in os.environ.get('LD_PRELOAD', '') else 'system'
+  assert report['system']['host_allocator'] == preloaded
 
   predict = report['predict']['results']
   assert {r['sampler'] for r in predict.values()} == {'ddpm', 'ddim'}
@@ -58,3 +62,22 @@ def test_quick_benchmark_in_mixed_precision(tmp_path):
   assert report['compute_dtype'] == 'bfloat16'
   for name, result in report['predict']['results'].items():
     assert result['median_s'] > 0 and result['flops'] > 0, name
+
+
+def _tcmalloc_path() -> str | None:
+  listing = subprocess.run(['ldconfig', '-p'], capture_output=True, text=True).stdout
+  for line in listing.splitlines():
+    if 'libtcmalloc_minimal.so.4 ' in line:
+      return line.split('=>')[-1].strip()
+  return None
+
+
+@pytest.mark.skipif(_tcmalloc_path() is None, reason='libtcmalloc-minimal4 is not installed')
+def test_host_allocator_names_the_preloaded_malloc():
+  probe = ('import sys; sys.path.insert(0, "scripts"); import benchmark; '
+           'print(benchmark.host_allocator())')
+  env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
+  names = [subprocess.run([sys.executable, '-c', probe], cwd=REPO, env=e, check=True,
+                          capture_output=True, text=True).stdout.split()[-1]
+           for e in (env, dict(env, LD_PRELOAD=_tcmalloc_path()))]
+  assert names == ['system', 'tcmalloc']

@@ -68,6 +68,22 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body body) {
   while (progress->finished.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// Reductions keep kLanes independent partial sums, which the compiler holds in vector
+// registers: one running sum would wait out an add's latency for every element.
+constexpr int64_t kLanes = 16;
+
+float Dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * b[j + l];
+  }
+  float total = 0.0f;
+  for (; j < n; ++j) total += a[j] * b[j];
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 template <typename Dims>
 bool SameDims(const Dims& a, const Dims& b) {
   return std::equal(a.begin(), a.end(), b.begin(), b.end());
@@ -248,11 +264,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
       float top = std::numeric_limits<float>::lowest();
       for (int64_t s = 0; s < s_dim; ++s) {
         float logit = std::numeric_limits<float>::lowest();
-        if (m_data[t * s_dim + s]) {
-          float dot = 0.0f;
-          for (int64_t j = 0; j < d_dim; ++j) dot += query[j] * keys[s * e_dim + j];
-          logit = dot / scale;
-        }
+        if (m_data[t * s_dim + s]) logit = Dot(query, keys + s * e_dim, d_dim) / scale;
         weights[s] = logit;
         top = std::max(top, logit);
       }
@@ -292,10 +304,23 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     const int64_t end = std::min(m_dim, (task + 1) * kNormRowsPerTask);
     for (int64_t m = task * kNormRowsPerTask; m < end; ++m) {
       const float* row = x_data + m * e_dim;
+      double sum_lanes[kLanes] = {}, sum_sq_lanes[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= e_dim; j += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const double value = row[j + l];
+          sum_lanes[l] += value;
+          sum_sq_lanes[l] += value * value;
+        }
+      }
       double sum = 0.0, sum_sq = 0.0;
-      for (int64_t j = 0; j < e_dim; ++j) {
+      for (; j < e_dim; ++j) {
         sum += row[j];
         sum_sq += static_cast<double>(row[j]) * row[j];
+      }
+      for (int64_t l = 0; l < kLanes; ++l) {
+        sum += sum_lanes[l];
+        sum_sq += sum_sq_lanes[l];
       }
       const float mean = static_cast<float>(sum / e_dim);
       const float var = std::max(0.0f, static_cast<float>(sum_sq / e_dim) - mean * mean);
