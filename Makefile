@@ -9,7 +9,8 @@ export MUJOCO_GL ?= egl
 # (1.15 GB for the default training step) and glibc hands such blocks back to the kernel on free,
 # so each step page-faults and zeroes them again; tcmalloc keeps them for reuse
 # (docs/performance.md). Looked up when a recipe runs, after install_system_deps.sh.
-TCMALLOC = $(shell ldconfig -p | awk '/libtcmalloc_minimal\.so\.4 /{print $$NF; exit}')
+TCMALLOC = $(shell PATH="$$PATH:/sbin:/usr/sbin" ldconfig -p | \
+  awk '/libtcmalloc_minimal\.so\.4 /{print $$NF; exit}')
 RUN = $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) $(PY)
 
 .PHONY: train test benchmark

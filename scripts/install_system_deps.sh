@@ -3,6 +3,7 @@
 # (dpjax/models/cpu_kernels.cc) need a C++ compiler; the Makefile runs Python on tcmalloc.
 # Installs Debian packages only when missing.
 set -euo pipefail
+export PATH="$PATH:/sbin:/usr/sbin"  # ldconfig, for users whose PATH lacks them.
 missing=()
 ldconfig -p | grep -q 'libEGL.so.1' || missing+=(libegl1 libegl-mesa0)
 ldconfig -p | grep -q 'libGL.so.1' || missing+=(libgl1 libgl1-mesa-dri)

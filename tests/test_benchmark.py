@@ -1,5 +1,6 @@
 """`scripts/benchmark.py --quick` runs end to end and reports every figure (no time is asserted)."""
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -64,20 +65,15 @@ def test_quick_benchmark_in_mixed_precision(tmp_path):
     assert result['median_s'] > 0 and result['flops'] > 0, name
 
 
-def _tcmalloc_path() -> str | None:
-  listing = subprocess.run(['ldconfig', '-p'], capture_output=True, text=True).stdout
-  for line in listing.splitlines():
-    if 'libtcmalloc_minimal.so.4 ' in line:
-      return line.split('=>')[-1].strip()
-  return None
+_TCMALLOC = ctypes.util.find_library('tcmalloc_minimal')
 
 
-@pytest.mark.skipif(_tcmalloc_path() is None, reason='libtcmalloc-minimal4 is not installed')
+@pytest.mark.skipif(_TCMALLOC is None, reason='libtcmalloc-minimal4 is not installed')
 def test_host_allocator_names_the_preloaded_malloc():
   probe = ('import sys; sys.path.insert(0, "scripts"); import benchmark; '
            'print(benchmark.host_allocator())')
   env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
   names = [subprocess.run([sys.executable, '-c', probe], cwd=REPO, env=e, check=True,
                           capture_output=True, text=True).stdout.split()[-1]
-           for e in (env, dict(env, LD_PRELOAD=_tcmalloc_path()))]
+           for e in (env, dict(env, LD_PRELOAD=_TCMALLOC))]
   assert names == ['system', 'tcmalloc']
