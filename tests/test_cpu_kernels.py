@@ -154,6 +154,84 @@ def test_attention_refuses_bad_operands():
     cpu_kernels.attention(q, q, q, 2, np.ones((3, 2), bool))
 
 
+def _decoder_layer_case(b, t, e, heads, shared, own, causal, dtype):
+  """transformer.DecoderLayer(dtype)'s eval-mode output for random inputs and parameters, and
+  cpu_kernels.decoder_layer's, its memory's keys and values projected beforehand and the rows
+  shared by every sequence passed once."""
+  rng = np.random.default_rng(5)
+  layer = transformer.DecoderLayer(heads, dropout_rate=0.1, dtype=dtype)
+  x = jnp.asarray(rng.standard_normal((b, t, e)), dtype)
+  memory = jnp.asarray(np.concatenate([
+      np.broadcast_to(rng.standard_normal((shared, e)), (b, shared, e)),
+      rng.standard_normal((b, own, e))], axis=1), dtype)
+  self_mask, memory_mask = transformer.attention_masks(t, shared + own)
+  masks = (self_mask, memory_mask) if causal else (None, None)
+  params = layer.init(jax.random.key(0), x, memory, *masks, train=False)['params']
+  params = jax.tree_util.tree_map(  # Biases and norms away from their zero / one init.
+      lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params)
+  expected = layer.apply({'params': params}, x, memory, *masks, train=False)
+
+  cross = params['multihead_attn']
+  kv = memory @ cross['in_proj_kernel'][:, e:].astype(dtype) + cross['in_proj_bias'][e:].astype(
+      dtype)
+
+  def pack(kernel, bias):
+    return cpu_kernels.pack_dense(kernel, bias, dtype)
+
+  dense = [pack(params['self_attn']['in_proj_kernel'], params['self_attn']['in_proj_bias']),
+           pack(**params['self_attn']['out_proj']),
+           pack(cross['in_proj_kernel'][:, :e], cross['in_proj_bias'][:e]),
+           pack(**cross['out_proj']), pack(**params['ffn']['linear1']),
+           pack(**params['ffn']['linear2'])]
+  norms = [params['norm1'], params['norm2'], params['norm3']]
+  got = jax.jit(lambda x, shared_kv, own_kv: cpu_kernels.decoder_layer(
+      x, shared_kv, own_kv, norms, dense, heads, *masks, transformer.LAYER_NORM_EPS))(
+          x, kv[0, :shared], kv[:, shared:])
+  return np.asarray(expected, np.float32), np.asarray(got, np.float32)
+
+
+@pytest.mark.parametrize('b,t,e,heads,shared,own,causal', [
+    (1, 10, 256, 4, 1, 2, True),  # Batch-1 sampling: the time row, 2 observation rows.
+    (3, 5, 40, 4, 1, 0, False),  # No observation rows; N = 3E and 4E not multiples of 32.
+    (2, 12, 64, 2, 2, 3, True),  # More rows than a kernel block holds.
+])
+def test_decoder_layer_equals_the_flax_layer(b, t, e, heads, shared, own, causal):
+  expected, got = _decoder_layer_case(b, t, e, heads, shared, own, causal, jnp.float32)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
+
+
+# pylint: disable-next=protected-access
+@pytest.mark.skipif(not cpu_kernels._bf16_dense_enabled(), reason='CPU without AVX512-BF16')
+@pytest.mark.parametrize('b', [1, 28])
+def test_decoder_layer_in_bfloat16_is_as_close_to_float32_as_the_flax_layer(b):
+  """Mixed precision: bfloat16 weights, float32 sums, activations rounded to bfloat16. Its
+  rounding points differ a little from the bfloat16 module's (logits and GELU stay float32), so
+  the check is against the float32 layer: no further from it than the module, and as far as
+  bfloat16 arithmetic is (not secretly float32)."""
+  case = (b, 10, 256, 4, 1, 2, True)
+  exact, _ = _decoder_layer_case(*case, jnp.float32)
+  module, got = _decoder_layer_case(*case, jnp.bfloat16)
+  error, module_error = np.abs(got - exact), np.abs(module - exact)
+  assert error.max() <= 1.1 * module_error.max()
+  assert 0.5 * module_error.mean() <= error.mean() <= 1.1 * module_error.mean()
+
+
+def test_decoder_layer_refuses_bad_operands():
+  e = 64
+  dense = [cpu_kernels.pack_dense(jnp.ones((k, n)), jnp.ones(n), jnp.float32)
+           for k, n in ((e, 3 * e), (e, e), (e, e), (e, e), (e, 4 * e), (4 * e, e))]
+  norms = [{'scale': jnp.ones(e), 'bias': jnp.zeros(e)}] * 3
+  x, shared_kv, own_kv = jnp.ones((2, 5, e)), jnp.ones((1, 2 * e)), jnp.ones((2, 2, 2 * e))
+  with pytest.raises(ValueError, match=r'shared_kv \(S0, 2E\).*shared_kv \(1, 64\)'):
+    cpu_kernels.decoder_layer(x, shared_kv[:, :e], own_kv, norms, dense, 4, None, None, 1e-5)
+  with pytest.raises(ValueError, match=r'mask must be \(T, S\) = \(5, 3\), got \(5, 5\)'):
+    cpu_kernels.decoder_layer(x, shared_kv, own_kv, norms, dense, 4, None, np.ones((5, 5)), 1e-5)
+  swapped = [dense[1], dense[0], *dense[2:]]  # Packed shapes the kernel itself checks.
+  with pytest.raises(Exception, match=r'decoder_layer: expected .* self_qkv \(E -> 3E\)'):
+    jax.block_until_ready(cpu_kernels.decoder_layer(x, shared_kv, own_kv, norms, swapped, 4,
+                                                    None, None, 1e-5))
+
+
 @pytest.mark.parametrize('shape', [(1, 10, 256), (28, 10, 256), (3, 7)])
 def test_layer_norm_equals_flax(shape):
   rng = np.random.default_rng(4)

@@ -717,9 +717,10 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, cpu_kernels,
 
 @pytest.mark.parametrize('cpu_kernels', [True, False])
 def test_cached_denoise_in_bfloat16_follows_the_module(cpu_kernels, monkeypatch):
-  """Mixed precision: the cache's step (bfloat16 dense kernel where the CPU has AVX512-BF16,
-  float32 attention and LayerNorm kernels) stays within bfloat16 rounding of the module's
-  bfloat16 eval-mode outputs, and of float32."""
+  """Mixed precision: the cache's step (the decoder layer kernel on bfloat16 weights where the
+  CPU has AVX512-BF16; else XLA's matmuls, beside the float32 attention and LayerNorm kernels
+  where the kernels run) stays within bfloat16 rounding of the module's bfloat16 eval-mode
+  outputs, and of float32."""
   if not cpu_kernels:
     monkeypatch.setattr(cpu_kernels_lib, '_usable', lambda: False)
   outputs = {}

@@ -13,6 +13,10 @@
 // DpjaxLayerNorm: LayerNorm over the last axis as flax.linen.LayerNorm computes it; XLA runs
 // each of its two row reductions as a YNNPACK call, ~110 us at batch 28 (25 norms per step).
 //
+// DpjaxDecoderLayer: a whole pre-norm decoder layer (the three above, GELU and the residual
+// additions) in one call, its steps as dependent phases of one parallel run (RunPhases); float32,
+// or with bfloat16 weights as the bfloat16 module computes.
+//
 // DpjaxConv, DpjaxConvKernelGrad: a convolution over an already padded NHWC input and its
 // kernel gradient, as GEMMs whose rows are read in place from the input (below). XLA:CPU runs
 // the kernel gradients of the high-resolution layers as convolutions whose window is the whole
@@ -30,10 +34,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -45,27 +51,49 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Runs body(i) for every i in [0, n) on the calling thread and the pool's threads. Tasks are
-// claimed one at a time; the caller works until none are left, so it only ever waits for tasks
-// already running: no deadlock while the pool's threads are busy elsewhere, and helpers that
-// start late claim nothing (and so never touch the caller's buffers).
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body body) {
-  struct Progress {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
+// Runs `phases` in order on the calling thread and the pool's threads: body(i) for every i in
+// [0, tasks) of a phase, once every task of the phase before has finished. Tasks are claimed one
+// at a time and a thread only ever waits for tasks already claimed: no deadlock while the pool's
+// threads are busy elsewhere, and helpers that start late claim nothing (and so never touch the
+// caller's buffers). One call for many dependent phases (a decoder layer's 11) wakes the pool
+// once: at batch-1 sampling a phase is a few microseconds of work, about what a wake-up costs.
+struct Phase {
+  int64_t tasks;
+  std::function<void(int64_t)> body;
+};
+
+void AwaitFinished(const std::atomic<int64_t>& finished, int64_t tasks) {
+  while (finished.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+}
+
+void RunPhases(ffi::ThreadPool& pool, std::vector<Phase> phases) {
+  struct State {
+    explicit State(std::vector<Phase> all)
+        : phases(std::move(all)), claimed(phases.size()), finished(phases.size()) {}
+    const std::vector<Phase> phases;
+    std::vector<std::atomic<int64_t>> claimed, finished;
   };
-  auto progress = std::make_shared<Progress>();
-  auto drain = [progress, n, body] {
-    for (int64_t i; (i = progress->next.fetch_add(1)) < n;) {
-      body(i);
-      progress->finished.fetch_add(1, std::memory_order_release);
+  auto state = std::make_shared<State>(std::move(phases));
+  auto work = [state] {
+    const std::vector<Phase>& all = state->phases;
+    for (size_t p = 0; p < all.size(); ++p) {
+      if (p > 0) AwaitFinished(state->finished[p - 1], all[p - 1].tasks);
+      for (int64_t i; (i = state->claimed[p].fetch_add(1)) < all[p].tasks;) {
+        all[p].body(i);
+        state->finished[p].fetch_add(1, std::memory_order_release);
+      }
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([drain] { drain(); });
-  drain();
-  while (progress->finished.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  int64_t widest = 0;
+  for (const Phase& phase : state->phases) widest = std::max(widest, phase.tasks);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), widest) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
+  work();
+  if (!state->phases.empty()) AwaitFinished(state->finished.back(), state->phases.back().tasks);
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> body) {
+  RunPhases(pool, {{n, std::move(body)}});
 }
 
 // Reductions keep kLanes independent partial sums, which the compiler holds in vector
@@ -84,8 +112,8 @@ float Dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-template <typename Dims>
-bool SameDims(const Dims& a, const Dims& b) {
+template <typename DimsA, typename DimsB>
+bool SameDims(const DimsA& a, const DimsB& b) {
   return std::equal(a.begin(), a.end(), b.begin(), b.end());
 }
 
@@ -93,6 +121,12 @@ constexpr int64_t kPanelWidth = 32;
 constexpr int kMaxRows = 12;
 
 typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+
+// How many k-steps (of 128 bytes) ahead PanelBlock prefetches its panel, and past its end the
+// next panel's start, where the hardware prefetcher would start over: with 10 rows (batch-1
+// sampling) a decoder layer streamed its weights at 21 GB/s without, 25-27 GB/s with
+// (a prefetch never faults, so reading past the last panel is harmless).
+constexpr int64_t kPrefetchSteps = 24;
 
 // Rows [m0, m0 + kRows) of one output panel: y[m, col:col + 32] = x[m, :] @ panel.
 template <int kRows>
@@ -103,6 +137,8 @@ void PanelBlock(const float* x, const float* panel, float* y, int64_t k_dim, int
   for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = Vec16{};
   const float* rows = x + m0 * k_dim;
   for (int64_t k = 0; k < k_dim; ++k) {
+    __builtin_prefetch(panel + (k + kPrefetchSteps) * kPanelWidth);
+    __builtin_prefetch(panel + (k + kPrefetchSteps) * kPanelWidth + 16);
     const Vec16 w_lo = *reinterpret_cast<const Vec16*>(panel + k * kPanelWidth);
     const Vec16 w_hi = *reinterpret_cast<const Vec16*>(panel + k * kPanelWidth + 16);
 #pragma GCC unroll 16
@@ -230,6 +266,50 @@ ffi::Error PackedDenseBf16(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::Buffer<
 }
 #endif
 
+// A float as a bfloat16 (uint16_t bits; round to nearest even, as XLA converts), or as itself.
+// Branch-free, so that loops of it vectorize.
+template <typename T>
+T FromFloat(float value) {
+  if constexpr (std::is_same_v<T, float>) {
+    return value;
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+  }
+}
+
+// One head of one sequence, as dpjax.models.transformer._attend computes it:
+// out[t] = softmax_s(mask[t, s] ? query[t] . key(s) / sqrt(d) : lowest) @ value(s) over the
+// head's d floats; query rows are q_stride apart, out rows out_stride, key(s) and value(s) point
+// at row s's d floats. Out: float, or uint16_t to store bfloat16.
+template <typename Out, typename KeyRow, typename ValueRow>
+void AttendHead(const float* query, int64_t q_stride, int64_t t_dim, int64_t s_dim,
+                int64_t d_dim, const bool* mask, KeyRow key, ValueRow value, Out* out,
+                int64_t out_stride) {
+  const float scale = std::sqrt(static_cast<float>(d_dim));
+  std::vector<float> weights(s_dim), row(d_dim);
+  for (int64_t t = 0; t < t_dim; ++t) {
+    float top = std::numeric_limits<float>::lowest();
+    for (int64_t s = 0; s < s_dim; ++s) {
+      float logit = std::numeric_limits<float>::lowest();
+      if (mask[t * s_dim + s]) logit = Dot(query + t * q_stride, key(s), d_dim) / scale;
+      weights[s] = logit;
+      top = std::max(top, logit);
+    }
+    float total = 0.0f;
+    for (int64_t s = 0; s < s_dim; ++s) total += weights[s] = std::exp(weights[s] - top);
+    std::fill(row.begin(), row.end(), 0.0f);
+    for (int64_t s = 0; s < s_dim; ++s) {
+      const float w = weights[s] / total;
+      const float* v = value(s);
+      for (int64_t j = 0; j < d_dim; ++j) row[j] += w * v[j];
+    }
+    for (int64_t j = 0; j < d_dim; ++j) out[t * out_stride + j] = FromFloat<Out>(row[j]);
+  }
+}
+
 // out[b, t, head] = softmax_s(mask[t, s] ? q[b, t, head] . k[b, s, head] / sqrt(d) : lowest)
 //                   @ v[b, :, head], as dpjax.models.transformer._attend computes it.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -248,7 +328,6 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   }
   const int64_t t_dim = q_dims[1], s_dim = k_dims[1], e_dim = q_dims[2];
   const int64_t d_dim = e_dim / num_heads;
-  const float scale = std::sqrt(static_cast<float>(d_dim));
   const float* q_data = q.typed_data();
   const float* k_data = k.typed_data();
   const float* v_data = v.typed_data();
@@ -258,33 +337,48 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     const int64_t b = task / num_heads, offset = (task % num_heads) * d_dim;
     const float* keys = k_data + b * s_dim * e_dim + offset;
     const float* values = v_data + b * s_dim * e_dim + offset;
-    std::vector<float> weights(s_dim);
-    for (int64_t t = 0; t < t_dim; ++t) {
-      const float* query = q_data + (b * t_dim + t) * e_dim + offset;
-      float top = std::numeric_limits<float>::lowest();
-      for (int64_t s = 0; s < s_dim; ++s) {
-        float logit = std::numeric_limits<float>::lowest();
-        if (m_data[t * s_dim + s]) logit = Dot(query, keys + s * e_dim, d_dim) / scale;
-        weights[s] = logit;
-        top = std::max(top, logit);
-      }
-      float total = 0.0f;
-      for (int64_t s = 0; s < s_dim; ++s) total += weights[s] = std::exp(weights[s] - top);
-      float* row = o_data + (b * t_dim + t) * e_dim + offset;
-      std::fill(row, row + d_dim, 0.0f);
-      for (int64_t s = 0; s < s_dim; ++s) {
-        const float w = weights[s] / total;
-        for (int64_t j = 0; j < d_dim; ++j) row[j] += w * values[s * e_dim + j];
-      }
-    }
+    AttendHead(
+        q_data + b * t_dim * e_dim + offset, e_dim, t_dim, s_dim, d_dim, m_data,
+        [=](int64_t s) { return keys + s * e_dim; }, [=](int64_t s) { return values + s * e_dim; },
+        o_data + b * t_dim * e_dim + offset, e_dim);
   });
   return ffi::Error::Success();
 }
 
 constexpr int64_t kNormRowsPerTask = 64;
 
-// y = (x - mean) * (rsqrt(var + eps) * scale) + bias per row, var = mean(x^2) - mean^2
-// clipped at 0 (flax's fast variance; sums accumulated in double).
+// y = (x - mean) * (rsqrt(var + eps) * scale) + bias over one row of e_dim floats, var =
+// mean(x^2) - mean^2 clipped at 0 (flax's fast variance; sums accumulated in double).
+template <typename Out>
+void NormalizeRow(const float* row, const float* scale, const float* bias, float epsilon,
+                  int64_t e_dim, Out* out) {
+  double sum_lanes[kLanes] = {}, sum_sq_lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= e_dim; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const double value = row[j + l];
+      sum_lanes[l] += value;
+      sum_sq_lanes[l] += value * value;
+    }
+  }
+  double sum = 0.0, sum_sq = 0.0;
+  for (; j < e_dim; ++j) {
+    sum += row[j];
+    sum_sq += static_cast<double>(row[j]) * row[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum += sum_lanes[l];
+    sum_sq += sum_sq_lanes[l];
+  }
+  const float mean = static_cast<float>(sum / e_dim);
+  const float var = std::max(0.0f, static_cast<float>(sum_sq / e_dim) - mean * mean);
+  const float inv = 1.0f / std::sqrt(var + epsilon);
+  for (int64_t j = 0; j < e_dim; ++j) {
+    out[j] = FromFloat<Out>((row[j] - mean) * (inv * scale[j]) + bias[j]);
+  }
+}
+
+// LayerNorm over the last axis of x (M, E), rows in tasks of kNormRowsPerTask.
 ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, float epsilon) {
   const auto x_dims = x.dimensions();
@@ -303,33 +397,301 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   ParallelFor(pool, tasks, [=](int64_t task) {
     const int64_t end = std::min(m_dim, (task + 1) * kNormRowsPerTask);
     for (int64_t m = task * kNormRowsPerTask; m < end; ++m) {
-      const float* row = x_data + m * e_dim;
-      double sum_lanes[kLanes] = {}, sum_sq_lanes[kLanes] = {};
-      int64_t j = 0;
-      for (; j + kLanes <= e_dim; j += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const double value = row[j + l];
-          sum_lanes[l] += value;
-          sum_sq_lanes[l] += value * value;
-        }
-      }
-      double sum = 0.0, sum_sq = 0.0;
-      for (; j < e_dim; ++j) {
-        sum += row[j];
-        sum_sq += static_cast<double>(row[j]) * row[j];
-      }
-      for (int64_t l = 0; l < kLanes; ++l) {
-        sum += sum_lanes[l];
-        sum_sq += sum_sq_lanes[l];
-      }
-      const float mean = static_cast<float>(sum / e_dim);
-      const float var = std::max(0.0f, static_cast<float>(sum_sq / e_dim) - mean * mean);
-      const float inv = 1.0f / std::sqrt(var + epsilon);
-      float* out = y_data + m * e_dim;
-      for (int64_t j = 0; j < e_dim; ++j) out[j] = (row[j] - mean) * (inv * s_data[j]) + b_data[j];
+      NormalizeRow(x_data + m * e_dim, s_data, b_data, epsilon, e_dim, y_data + m * e_dim);
     }
   });
   return ffi::Error::Success();
+}
+
+// A Dense layer packed as PackedDense or PackedDenseBf16 take it: K x N weights W (float, or
+// uint16_t bfloat16 bits) as ceil(N / 32) panels of K * 32 values, float32 bias (N,).
+template <typename W>
+struct PackedWeights {
+  const W* panels;
+  const float* bias;
+  int64_t k_dim, n_dim;
+  int64_t PanelCount() const { return (n_dim + kPanelWidth - 1) / kPanelWidth; }
+};
+
+// A decoder layer's arithmetic for weights W: float32 throughout (float), or as the bfloat16
+// module computes it (uint16_t): bfloat16 dense inputs and weights with float32 sums, and every
+// activation the module stores in bfloat16 rounded to it (softmax and statistics in float32).
+template <typename W>
+struct Precision;
+
+template <>
+struct Precision<float> {
+  static float Round(float value) { return value; }
+  static void Block(int64_t rows, const float* x, const float* panel, float* tile,
+                    int64_t k_dim) {
+    kBlocks[rows - 1](x, panel, tile, k_dim, kPanelWidth, 0, 0);
+  }
+};
+
+#ifdef __AVX512BF16__
+template <>
+struct Precision<uint16_t> {
+  static float Round(float value) {
+    const uint32_t bits = static_cast<uint32_t>(FromFloat<uint16_t>(value)) << 16;
+    float rounded;
+    std::memcpy(&rounded, &bits, sizeof(rounded));
+    return rounded;
+  }
+  static void Block(int64_t rows, const uint16_t* x, const uint16_t* panel, float* tile,
+                    int64_t k_dim) {
+    kBlocksBf16[rows - 1](x, panel, tile, k_dim / 2, kPanelWidth, 0, 0);
+  }
+};
+#endif
+
+enum class Epilogue { kStore, kGelu, kAdd };
+
+// erf(x) to 2e-7 as Eigen's float erf computes it: a rational function of x on [-4, 4], which
+// vectorizes (libm's erfcf took 9 ns a value, half of a batch-1 sampling step's time).
+inline float Erf(float x) {
+  x = std::clamp(x, -4.0f, 4.0f);
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// jax.nn.gelu(x, approximate=False) = 0.5 x erfc(-x / sqrt(2)) = 0.5 x (1 + erf(x / sqrt(2))).
+inline float Gelu(float x) {
+  return 0.5f * x * (1.0f + Erf(x * static_cast<float>(M_SQRT1_2)));
+}
+
+// Panel p of out = epilogue(x (M, K) @ W + bias), out's rows `stride` apart: kStore writes the
+// sums (float out), kGelu their GELU (out: a dense input, W), kAdd adds them to out (float: a
+// residual connection).
+template <Epilogue kEpilogue, typename W, typename Out>
+Phase DensePhase(const PackedWeights<W>& w, const W* x, int64_t m_dim, Out* out,
+                 int64_t stride) {
+  using P = Precision<W>;
+  return {w.PanelCount(), [=](int64_t p) {
+            float tile[kMaxRows * kPanelWidth];
+            const int64_t col = p * kPanelWidth;
+            const int64_t cols = std::min(kPanelWidth, w.n_dim - col);
+            const W* panel = w.panels + p * w.k_dim * kPanelWidth;
+            // The panel's bias, zero past N (the padding columns are computed, not stored).
+            float bias[kPanelWidth] = {};
+            std::copy(w.bias + col, w.bias + col + cols, bias);
+            for (int64_t m0 = 0; m0 < m_dim; m0 += kMaxRows) {
+              const int64_t rows = std::min<int64_t>(kMaxRows, m_dim - m0);
+              P::Block(rows, x + m0 * w.k_dim, panel, tile, w.k_dim);
+              for (int64_t i = 0; i < rows; ++i) {
+                // Whole rows of the tile first (32 wide, in local memory): these loops vectorize.
+                float* sums = tile + i * kPanelWidth;
+                for (int64_t c = 0; c < kPanelWidth; ++c) sums[c] = P::Round(sums[c] + bias[c]);
+                if constexpr (kEpilogue == Epilogue::kGelu) {
+                  for (int64_t c = 0; c < kPanelWidth; ++c) sums[c] = Gelu(sums[c]);
+                }
+                Out* dest = out + (m0 + i) * stride + col;
+                for (int64_t c = 0; c < cols; ++c) {
+                  if constexpr (kEpilogue == Epilogue::kAdd) {
+                    dest[c] = P::Round(dest[c] + sums[c]);
+                  } else {
+                    dest[c] = FromFloat<Out>(sums[c]);
+                  }
+                }
+              }
+            }
+          }};
+}
+
+// DpjaxDecoderLayer's parameters, in the order of the call's remaining operands.
+enum DecoderParam {
+  kNorm1Scale, kNorm1Bias, kSelfQkv, kSelfQkvBias, kSelfOut, kSelfOutBias,
+  kNorm2Scale, kNorm2Bias, kCrossQ, kCrossQBias, kCrossOut, kCrossOutBias,
+  kNorm3Scale, kNorm3Bias, kFfnIn, kFfnInBias, kFfnOut, kFfnOutBias, kDecoderParams
+};
+
+struct DecoderOperands {
+  const float* x;
+  const float* shared_kv;
+  const float* batch_kv;
+  const bool* self_mask;
+  const bool* memory_mask;
+  std::array<const void*, kDecoderParams> params;
+  int64_t b_dim, t_dim, e_dim, f_dim, s0, s1, num_heads;
+  float epsilon;
+  float* out;
+};
+
+template <typename W>
+void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
+  const int64_t m_dim = op.b_dim * op.t_dim, e_dim = op.e_dim, t_dim = op.t_dim;
+  const int64_t d_dim = e_dim / op.num_heads, num_heads = op.num_heads, s0 = op.s0, s1 = op.s1;
+  auto weights = [&](int index, int64_t k_dim, int64_t n_dim) {
+    return PackedWeights<W>{static_cast<const W*>(op.params[index]),
+                            static_cast<const float*>(op.params[index + 1]), k_dim, n_dim};
+  };
+  std::vector<W> normed(m_dim * e_dim), attended(m_dim * e_dim), hidden(m_dim * op.f_dim);
+  std::vector<float> qkv(m_dim * 3 * e_dim), queries(m_dim * e_dim);
+  // Normalizes the rows of `source` (float) into `normed`, copying them to `copy` unless null.
+  auto normalize = [&](int index, const float* source, float* copy) -> Phase {
+    const float* scale = static_cast<const float*>(op.params[index]);
+    const float* bias = static_cast<const float*>(op.params[index + 1]);
+    W* dest = normed.data();
+    const float epsilon = op.epsilon;
+    return {(m_dim + kNormRowsPerTask - 1) / kNormRowsPerTask, [=](int64_t task) {
+              const int64_t end = std::min(m_dim, (task + 1) * kNormRowsPerTask);
+              for (int64_t m = task * kNormRowsPerTask; m < end; ++m) {
+                if (copy) std::copy(source + m * e_dim, source + (m + 1) * e_dim, copy + m * e_dim);
+                NormalizeRow(source + m * e_dim, scale, bias, epsilon, e_dim, dest + m * e_dim);
+              }
+            }};
+  };
+  const float* qkv_data = qkv.data();
+  const float* query_data = queries.data();
+  const float* shared_data = op.shared_kv;
+  const float* batch_data = op.batch_kv;
+  const bool* self_allowed = op.self_mask;
+  const bool* memory_allowed = op.memory_mask;
+  W* attended_data = attended.data();
+  const Phase self_attention{op.b_dim * num_heads, [=](int64_t task) {
+    const int64_t b = task / num_heads, offset = (task % num_heads) * d_dim;
+    const float* rows = qkv_data + b * t_dim * 3 * e_dim + offset;
+    AttendHead(
+        rows, 3 * e_dim, t_dim, t_dim, d_dim, self_allowed,
+        [=](int64_t s) { return rows + s * 3 * e_dim + e_dim; },
+        [=](int64_t s) { return rows + s * 3 * e_dim + 2 * e_dim; },
+        attended_data + b * t_dim * e_dim + offset, e_dim);
+  }};
+  const Phase cross_attention{op.b_dim * num_heads, [=](int64_t task) {
+    const int64_t b = task / num_heads, offset = (task % num_heads) * d_dim;
+    const float* shared = shared_data + offset;
+    const float* own = batch_data + b * s1 * 2 * e_dim + offset;
+    auto key = [=](int64_t s) {
+      return s < s0 ? shared + s * 2 * e_dim : own + (s - s0) * 2 * e_dim;
+    };
+    AttendHead(
+        query_data + b * t_dim * e_dim + offset, e_dim, t_dim, s0 + s1, d_dim, memory_allowed,
+        key, [=](int64_t s) { return key(s) + e_dim; },
+        attended_data + b * t_dim * e_dim + offset, e_dim);
+  }};
+  float* out = op.out;
+  RunPhases(pool, {normalize(kNorm1Scale, op.x, out),
+                   DensePhase<Epilogue::kStore>(weights(kSelfQkv, e_dim, 3 * e_dim),
+                                                normed.data(), m_dim, qkv.data(), 3 * e_dim),
+                   self_attention,
+                   DensePhase<Epilogue::kAdd>(weights(kSelfOut, e_dim, e_dim), attended_data,
+                                              m_dim, out, e_dim),
+                   normalize(kNorm2Scale, out, nullptr),
+                   DensePhase<Epilogue::kStore>(weights(kCrossQ, e_dim, e_dim), normed.data(),
+                                                m_dim, queries.data(), e_dim),
+                   cross_attention,
+                   DensePhase<Epilogue::kAdd>(weights(kCrossOut, e_dim, e_dim), attended_data,
+                                              m_dim, out, e_dim),
+                   normalize(kNorm3Scale, out, nullptr),
+                   DensePhase<Epilogue::kGelu>(weights(kFfnIn, e_dim, op.f_dim), normed.data(),
+                                               m_dim, hidden.data(), op.f_dim),
+                   DensePhase<Epilogue::kAdd>(weights(kFfnOut, op.f_dim, e_dim), hidden.data(),
+                                              m_dim, out, e_dim)});
+}
+
+// Whether `panels` and `bias` are a K x N Dense layer packed for PackedDense (float32) or
+// PackedDenseBf16 (bfloat16) with a float32 bias.
+bool IsPacked(const ffi::AnyBuffer& panels, const ffi::AnyBuffer& bias, int64_t k_dim,
+              int64_t n_dim, bool bf16) {
+  const int64_t panel_count = (n_dim + kPanelWidth - 1) / kPanelWidth;
+  const std::array<int64_t, 3> f32_dims{panel_count, k_dim, kPanelWidth};
+  const std::array<int64_t, 4> bf16_dims{panel_count, k_dim / 2, kPanelWidth, 2};
+  const std::array<int64_t, 1> bias_dims{n_dim};
+  const bool panels_ok =
+      bf16 ? panels.element_type() == ffi::DataType::BF16 && k_dim % 2 == 0 &&
+                 SameDims(panels.dimensions(), bf16_dims)
+           : panels.element_type() == ffi::DataType::F32 &&
+                 SameDims(panels.dimensions(), f32_dims);
+  return panels_ok && bias.element_type() == ffi::DataType::F32 &&
+         SameDims(bias.dimensions(), bias_dims);
+}
+
+// DpjaxDecoderLayer: one pre-norm decoder layer in eval mode as dpjax.models.transformer's
+// DecoderLayer computes it (nn.TransformerDecoderLayer with norm_first, exact GELU, no dropout):
+//   x += SelfAttention(LN1(x)); x += CrossAttention(LN2(x), memory); x += FFN(LN3(x)),
+// the memory's keys and values already projected, [K | V] per row: the rows of shared_kv
+// (S0, 2E), the same for every sequence (the timestep's), then those of batch_kv (B, S1, 2E).
+// Float32 activations in and out; the Dense layers' panels float32, or bfloat16 for the
+// bfloat16 module's arithmetic (Precision<uint16_t>). Its 11 steps run as the phases of one
+// RunPhases: at batch 1 separate calls spent more time waking the pool and in XLA's small ops
+// between them than in their work.
+ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> shared_kv, ffi::Buffer<ffi::F32> batch_kv,
+                        ffi::Buffer<ffi::PRED> self_mask, ffi::Buffer<ffi::PRED> memory_mask,
+                        ffi::RemainingArgs params, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t num_heads, float epsilon) {
+  const auto invalid = [] {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels decoder_layer: expected float32 x (B, T, E) with E divisible by num_heads, "
+        "shared_kv (S0, 2E), batch_kv (B, S1, 2E), masks (T, T) and (T, S0 + S1), y (B, T, E), "
+        "then 18 parameters: per LayerNorm float32 scale and bias (E,), per Dense its panels "
+        "(ceil(N / 32), K, 32) float32 or (ceil(N / 32), K / 2, 32, 2) bfloat16, all alike, and "
+        "float32 bias (N,), in the order norm1, self_qkv (E -> 3E), self_out, norm2, cross_q, "
+        "cross_out, norm3, ffn_in (E -> F), ffn_out (F -> E)");
+  };
+  std::vector<ffi::AnyBuffer> p;
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto buffer = params.get<ffi::AnyBuffer>(i);
+    if (!buffer.has_value()) return invalid();
+    p.push_back(*buffer);
+  }
+  const auto x_dims = x.dimensions();
+  const auto shared_dims = shared_kv.dimensions();
+  const auto batch_dims = batch_kv.dimensions();
+  if (p.size() != kDecoderParams || x_dims.size() != 3 || shared_dims.size() != 2 ||
+      batch_dims.size() != 3 || !SameDims(y->dimensions(), x_dims)) {
+    return invalid();
+  }
+  DecoderOperands op{x.typed_data(), shared_kv.typed_data(), batch_kv.typed_data(),
+                     self_mask.typed_data(), memory_mask.typed_data(), {},
+                     x_dims[0], x_dims[1], x_dims[2],
+                     static_cast<int64_t>(p[kFfnInBias].element_count()), shared_dims[0],
+                     batch_dims[1], num_heads, epsilon, y->typed_data()};
+  for (int i = 0; i < kDecoderParams; ++i) op.params[i] = p[i].untyped_data();
+  const int64_t e_dim = op.e_dim, f_dim = op.f_dim;
+  const std::array<int64_t, 2> self_mask_dims{op.t_dim, op.t_dim};
+  const std::array<int64_t, 2> memory_mask_dims{op.t_dim, op.s0 + op.s1};
+  const std::array<int64_t, 1> norm_dims{e_dim};
+  bool norms_ok = true;
+  for (int index : {kNorm1Scale, kNorm1Bias, kNorm2Scale, kNorm2Bias, kNorm3Scale, kNorm3Bias}) {
+    norms_ok = norms_ok && p[index].element_type() == ffi::DataType::F32 &&
+               SameDims(p[index].dimensions(), norm_dims);
+  }
+  const bool bf16 = p[kSelfQkv].element_type() == ffi::DataType::BF16;
+  if (!norms_ok || num_heads <= 0 || e_dim % num_heads != 0 || shared_dims[1] != 2 * e_dim ||
+      batch_dims[0] != op.b_dim || batch_dims[2] != 2 * e_dim ||
+      !SameDims(self_mask.dimensions(), self_mask_dims) ||
+      !SameDims(memory_mask.dimensions(), memory_mask_dims) ||
+      !IsPacked(p[kSelfQkv], p[kSelfQkvBias], e_dim, 3 * e_dim, bf16) ||
+      !IsPacked(p[kSelfOut], p[kSelfOutBias], e_dim, e_dim, bf16) ||
+      !IsPacked(p[kCrossQ], p[kCrossQBias], e_dim, e_dim, bf16) ||
+      !IsPacked(p[kCrossOut], p[kCrossOutBias], e_dim, e_dim, bf16) ||
+      !IsPacked(p[kFfnIn], p[kFfnInBias], e_dim, f_dim, bf16) ||
+      !IsPacked(p[kFfnOut], p[kFfnOutBias], f_dim, e_dim, bf16)) {
+    return invalid();
+  }
+  if (!bf16) {
+    RunDecoderLayer<float>(pool, op);
+    return ffi::Error::Success();
+  }
+#ifdef __AVX512BF16__
+  RunDecoderLayer<uint16_t>(pool, op);
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "cpu_kernels decoder_layer (bfloat16): this CPU has no AVX512-BF16");
+#endif
 }
 
 // A convolution over an already padded NHWC input x (N, Hp, Wp, C) with a (KH, KW, C, C_out)
@@ -774,6 +1136,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxLayerNorm, LayerNorm,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxDecoderLayer, DecoderLayer,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_heads")
                                   .Attr<float>("epsilon"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConv, ConvForward,

@@ -3,8 +3,11 @@
 Sampling: batch-1 sampling runs the decoder's 48 matmuls on 10 rows per denoising step, so it
 streams its 29 MB of weights 100 times; XLA:CPU's GEMM does that at ~7 GB/s (column panels
 strided by N). The dense kernel reads each 32-column panel of a pre-packed (N/32, K, 32) kernel
-as one contiguous stream (~20 GB/s here). The attention kernel replaces XLA's batched 10 x 64 x
-10 GEMMs and head transposes, the LayerNorm kernel XLA's per-reduction YNNPACK calls.
+as one contiguous stream (~20 GB/s here; 25-27 with software prefetch). The attention kernel
+replaces XLA's batched 10 x 64 x 10 GEMMs and head transposes, the LayerNorm kernel XLA's
+per-reduction YNNPACK calls; `decoder_layer` runs a whole decoder layer (those kernels, GELU,
+residuals; float32, or bfloat16 weights) as one call, because at batch 1 each of its steps is
+microseconds of work.
 
 Training: `conv` and `conv_kernel_grad` are the ResNet's convolutions as GEMMs whose rows are
 read straight out of the padded NHWC input (no patches built), at 170-200 GFLOP/s on the
@@ -35,7 +38,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from typing import Any, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +51,7 @@ _DENSE_TARGET = 'dpjax_packed_dense'
 _DENSE_BF16_TARGET = 'dpjax_packed_dense_bf16'
 _ATTENTION_TARGET = 'dpjax_attention'
 _LAYER_NORM_TARGET = 'dpjax_layer_norm'
+_DECODER_LAYER_TARGET = 'dpjax_decoder_layer'
 _CONV_TARGET = 'dpjax_conv'
 _CONV_KERNEL_GRAD_TARGET = 'dpjax_conv_kernel_grad'
 _MAX_POOL_TARGET = 'dpjax_max_pool'
@@ -123,6 +127,7 @@ def _library() -> Optional[ctypes.CDLL]:
                          (_DENSE_BF16_TARGET, library.DpjaxPackedDenseBf16),
                          (_ATTENTION_TARGET, library.DpjaxAttention),
                          (_LAYER_NORM_TARGET, library.DpjaxLayerNorm),
+                         (_DECODER_LAYER_TARGET, library.DpjaxDecoderLayer),
                          (_CONV_TARGET, library.DpjaxConv),
                          (_CONV_KERNEL_GRAD_TARGET, library.DpjaxConvKernelGrad),
                          (_MAX_POOL_TARGET, library.DpjaxMaxPool),
@@ -210,6 +215,14 @@ def dense(layer: PackedDense, x: jax.Array) -> jax.Array:
   return (y[:, :n] + bias.astype(jnp.float32)).astype(bias.dtype).reshape(*x.shape[:-1], n)
 
 
+def _mask_or_all(mask: Optional[np.ndarray], shape: tuple[int, int], where: str) -> jax.Array:
+  mask = np.ones(shape, bool) if mask is None else np.asarray(mask, bool)
+  if mask.shape != shape:
+    raise ValueError(f'cpu_kernels.{where}: mask must be (T, S) = {shape}, got '
+                     f'{mask.shape}')
+  return jnp.asarray(mask)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
               mask: Optional[np.ndarray]) -> jax.Array:
   """`transformer._attend` (no dropout) of float32 q (B, T, E), k and v (B, S, E) → (B, T, E).
@@ -223,12 +236,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
     raise ValueError(f'cpu_kernels.attention: expected float32 q (B, T, E), k and v (B, S, E) '
                      f'with E divisible by {num_heads} heads, got q {q.dtype} {q.shape}, '
                      f'k {k.dtype} {k.shape}, v {v.dtype} {v.shape}')
-  mask = np.ones((t, s), bool) if mask is None else np.asarray(mask, bool)
-  if mask.shape != (t, s):
-    raise ValueError(f'cpu_kernels.attention: mask must be (T, S) = {(t, s)}, got {mask.shape}')
   call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method='sequential')
-  return call(q, k, v, jnp.asarray(mask), num_heads=np.int64(num_heads))
+  return call(q, k, v, _mask_or_all(mask, (t, s), 'attention'), num_heads=np.int64(num_heads))
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
@@ -245,6 +255,46 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
   rows = call(x.reshape(-1, e), scale.astype(jnp.float32), bias.astype(jnp.float32),
               epsilon=np.float32(epsilon))
   return rows.reshape(x.shape)
+
+
+def decoder_layer(x: jax.Array, shared_kv: jax.Array, batch_kv: jax.Array,
+                  norms: Sequence[Mapping[str, jax.Array]], dense_layers: Sequence[PackedDense],
+                  num_heads: int, self_mask: Optional[np.ndarray],
+                  memory_mask: Optional[np.ndarray], epsilon: float) -> jax.Array:
+  """One `transformer.DecoderLayer` in eval mode (pre-norm, exact GELU), as one kernel call.
+
+  x: (B, T, E). The cross-attention memory's projected [K | V] rows (2E each): shared_kv
+  (S0, 2E), the same for every sequence, then batch_kv (B, S1, 2E) (S1 may be 0).
+  norms: norm1, norm2, norm3 LayerNorm params ('scale', 'bias'), (E,).
+  dense_layers: self_qkv (E → 3E), self_out, cross_q, cross_out, ffn_in (E → F), ffn_out
+  (F → E), all packed by `pack_dense` for the kernels in float32, or all in bfloat16: then the
+  layer computes as the bfloat16 module does (bfloat16 products summed in float32, activations
+  rounded to bfloat16; softmax and LayerNorm statistics in float32).
+  self_mask: (T, T), memory_mask: (T, S0 + S1) bool, True = may attend, or None (all).
+  Returns the layer's output, (B, T, E) float32 (bfloat16 numbers in bfloat16). Needs
+  `enabled(jnp.float32)`.
+  """
+  b, t, e = x.shape
+  s = shared_kv.shape[0] + batch_kv.shape[1]
+  panel_ranks = {layer.kernel.ndim for layer in dense_layers}
+  if len(norms) != 3 or len(dense_layers) != 6 or panel_ranks not in ({3}, {4}) or (
+      shared_kv.shape[1:] != (2 * e,) or batch_kv.shape[::2] != (b, 2 * e)):
+    raise ValueError(
+        'cpu_kernels.decoder_layer: expected x (B, T, E), shared_kv (S0, 2E), batch_kv '
+        '(B, S1, 2E), 3 LayerNorms and 6 Dense layers all packed for the kernels, got x '
+        f'{x.shape}, shared_kv {shared_kv.shape}, batch_kv {batch_kv.shape}, {len(norms)} '
+        f'norms, {len(dense_layers)} dense layers with kernels of rank {sorted(panel_ranks)}')
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  parameters = []
+  for norm, layers in zip(norms, (dense_layers[:2], dense_layers[2:4], dense_layers[4:])):
+    parameters += [f32(norm['scale']), f32(norm['bias'])]
+    parameters += [a for layer in layers for a in (layer.kernel, f32(layer.bias))]
+  call = jax.ffi.ffi_call(_DECODER_LAYER_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          vmap_method='sequential')
+  return call(f32(x), f32(shared_kv), f32(batch_kv),
+              _mask_or_all(self_mask, (t, t), 'decoder_layer'),
+              _mask_or_all(memory_mask, (t, s), 'decoder_layer'), *parameters,
+              num_heads=np.int64(num_heads), epsilon=np.float32(epsilon))
 
 
 def _check_conv_operands(where: str, x_padded: jax.Array, kernel_shape: tuple[int, ...],

@@ -64,8 +64,9 @@ class GroupNorm(nn.Module):
 
 
 # On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
-# the C++ kernels run every layer of a training batch fastest; under ~1,000 pixels (batch-1
-# sampling's deep stages) XLA is faster. Without them (no compiler, bfloat16): XLA's own kernel
+# the C++ kernels run every layer of a training batch fastest, and at batch-1 sampling the
+# first stage (2 images of 19×19: 722 pixels; one camera's encoder 22-26 → 19 ms); on smaller
+# maps (its deep stages) XLA is faster. Without them (no compiler, bfloat16): XLA's own kernel
 # gradient is slow for wide, high-resolution layers (stage 1 of the paper-sized ResNet:
 # 19×19×64), so those use patches; tiny maps (the last stage's 3×3) waste 40 % of the products
 # on padding, which pays to skip from a few dozen images on.
@@ -73,7 +74,7 @@ GEMM_KERNEL_GRAD_MIN_CHANNELS = 64
 GEMM_KERNEL_GRAD_MIN_PIXELS = 16 * 16
 TAP_GEMMS_MAX_SIDE = 4
 TAP_GEMMS_MIN_IMAGES = 32
-CPU_KERNELS_MIN_PIXELS = 1024
+CPU_KERNELS_MIN_PIXELS = 512
 
 
 def conv_method(input_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: int,
