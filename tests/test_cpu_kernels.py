@@ -331,12 +331,54 @@ def test_conv2d_cpu_kernels_matches_xla_forward_and_gradients(x_shape, kernel_sh
     np.testing.assert_allclose(ours, xla, atol=1e-5 * scale(xla))
 
 
+# pylint: disable-next=protected-access
+@pytest.mark.skipif(not cpu_kernels._bf16_dense_enabled(), reason='CPU without AVX512-BF16')
+@pytest.mark.parametrize('x_shape,kernel_shape,stride,pad', [
+    ((3, 19, 19, 64), (3, 3, 64, 64), 1, 1),  # Batch-1 sampling's first stage.
+    ((2, 10, 10, 64), (3, 3, 64, 128), 2, 1),
+    ((4, 3, 3, 512), (3, 3, 512, 512), 1, 1),  # Tiny maps: taps skipped position by position.
+    ((2, 9, 9, 6), (1, 1, 6, 32), 1, 0),
+])
+def test_bfloat16_conv_sums_exact_products_and_trains_through_xla(x_shape, kernel_shape, stride,
+                                                                   pad):
+  """bfloat16 x and kernel: the products are exact in float32, so the kernel's float32 sums
+  equal float64 sums to float32 rounding; through conv2d the output is those sums rounded to
+  bfloat16, and the gradients are those of the gradient method (here XLA's)."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+  kernel = jnp.asarray(0.1 * rng.standard_normal(kernel_shape), jnp.bfloat16)
+  assert cpu_kernels.conv_supported(x_shape, kernel_shape, stride, jnp.bfloat16)
+  x_padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  got = jax.jit(cpu_kernels.conv_bf16, static_argnums=(2, 3))(x_padded, kernel, stride, pad)
+  expected = _conv_float64(np.asarray(x_padded, np.float32), np.asarray(kernel, np.float32),
+                           stride)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+  outputs, grads = [], []
+  for method in ('cpu_kernels', 'xla'):
+    conv = lambda x, kernel, method=method: conv_ops.conv2d(x, kernel, stride, method,
+                                                            gradient_method='xla')
+    y, vjp = jax.vjp(jax.jit(conv), x, kernel)
+    outputs.append(np.asarray(y, np.float32))
+    grads.append(vjp(jnp.ones_like(y)))
+  assert cpu_kernels._CONV_BF16_TARGET in str(jax.make_jaxpr(conv_ops.conv2d, static_argnums=(
+      2, 3))(x, kernel, stride, 'cpu_kernels'))
+  np.testing.assert_allclose(outputs[0], np.asarray(got).astype(jnp.bfloat16).astype(np.float32))
+  for ours, xla in zip(*grads):
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(xla, np.float32))
+
+
 def test_conv_refuses_what_it_cannot_run():
   assert cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 64), 1, jnp.float32)
   assert not cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 48), 1, jnp.float32)
+  assert not cpu_kernels.conv_supported((2, 76, 76, 3), (7, 7, 3, 64), 2, jnp.bfloat16)
+  with pytest.raises(ValueError, match=r'conv_bf16: expected bfloat16 padded x .* got x float32'):
+    cpu_kernels.conv_bf16(jnp.ones((1, 5, 5, 64)), jnp.ones((3, 3, 64, 64)), 1, 1)
   assert not cpu_kernels.conv_supported((2, 9, 9, 16), (3, 3, 16, 32), 1, jnp.float32)
   assert cpu_kernels.conv_supported((2, 9, 9, 16), (3, 3, 16, 32), 2, jnp.float32)
-  assert not cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 64), 1, jnp.bfloat16)
+  # bfloat16: the forward kernel where the CPU has AVX512-BF16, never for an odd C.
+  assert cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 64), 1, jnp.bfloat16) == (
+      cpu_kernels._bf16_dense_enabled())  # pylint: disable=protected-access
   with pytest.raises(ValueError, match=r"'cpu_kernels' cannot run x float32 \(2, 9, 9, 64\) "
                                        r'with kernel \(3, 3, 64, 48\)'):
     conv_ops.conv2d(jnp.ones((2, 9, 9, 64)), jnp.ones((3, 3, 64, 48)), 1, 'cpu_kernels')

@@ -6,7 +6,9 @@ order); `conv2d` offers three other formulations of the same convolution:
 * `method='cpu_kernels'`: forward and kernel gradient on the C++ kernels (cpu_kernels.conv,
   conv_kernel_grad: GEMMs reading the padded input in place, 2-6× faster than XLA:CPU on the
   ResNet's layers); a stride-1 input gradient is the same kernel on the padded output gradient
-  with the mirrored, transposed kernel; a strided one is XLA's transposed convolution.
+  with the mirrored, transposed kernel; a strided one is XLA's transposed convolution. In
+  bfloat16 (CPUs with AVX512-BF16) only the forward pass runs on a kernel (products summed in
+  float32, as XLA's bfloat16 convolution); the gradients are those of `gradient_method`.
 * `method='gemm_kernel_grad'`: the kernel gradient is one matrix product of the input's k×k
   patches with the output gradient (the fallback where the C++ kernels cannot be built or
   used). XLA:CPU otherwise runs it as a convolution whose window is
@@ -147,14 +149,39 @@ def _cpu_kernels_backward(stride, residuals, grad):
 _conv_cpu_kernels.defvjp(_cpu_kernels_forward, _cpu_kernels_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_bf16_kernel(x: jax.Array, kernel: jax.Array, stride: int,
+                      gradient_method: str) -> jax.Array:
+  pad = kernel.shape[0] // 2
+  y = cpu_kernels.conv_bf16(_pad_same(x, kernel.shape[0]), kernel, stride, pad)
+  return y.astype(x.dtype)
+
+
+def _bf16_kernel_forward(x, kernel, stride, gradient_method):
+  return _conv_bf16_kernel(x, kernel, stride, gradient_method), (x, kernel)
+
+
+def _bf16_kernel_backward(stride, gradient_method, residuals, grad):
+  x, kernel = residuals
+  conv = lambda x, kernel: conv2d(x, kernel, stride, gradient_method)
+  return jax.vjp(conv, x, kernel)[1](grad)
+
+
+_conv_bf16_kernel.defvjp(_bf16_kernel_forward, _bf16_kernel_backward)
+
+
 CONV_METHODS = ('xla', 'gemm_kernel_grad', 'tap_gemms', 'cpu_kernels')
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla',
+           gradient_method: str = 'xla') -> jax.Array:
   """Bias-free convolution with torch's padding (k // 2 each side), NHWC × HWIO → NHWC.
 
   x (N, H, W, C_in); kernel (k, k, C_in, C_out) with odd k; same dtype for both.
   method: one of CONV_METHODS (see the module docstring); 'tap_gemms' needs stride 1.
+  gradient_method: for 'cpu_kernels' in bfloat16, whose kernel is forward-only: the method
+    whose gradients this convolution has (the same function, so the same gradients up to
+    rounding).
   """
   if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
     raise ValueError(f'conv2d: kernel must be (k, k, C_in, C_out) with odd k, got {kernel.shape}')
@@ -167,6 +194,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') ->
       raise ValueError(f"conv2d: method 'cpu_kernels' cannot run x {x.dtype} {x.shape} with "
                        f'kernel {kernel.shape} and stride {stride} '
                        '(see cpu_kernels.conv_supported)')
+    if x.dtype == jnp.bfloat16:
+      return _conv_bf16_kernel(x, kernel, stride, gradient_method)
     return _conv_cpu_kernels(x, kernel, stride)
   if method == 'tap_gemms':
     if stride != 1:

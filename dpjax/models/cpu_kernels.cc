@@ -22,8 +22,8 @@
 // the kernel gradients of the high-resolution layers as convolutions whose window is the whole
 // feature map, at 25-45 GFLOP/s; these run at 170-200 on two cores.
 //
-// DpjaxPackedDenseBf16: DpjaxPackedDense for mixed precision (bfloat16 operands, float32 sums),
-// where the CPU has AVX512-BF16.
+// DpjaxPackedDenseBf16, DpjaxConvBf16: DpjaxPackedDense and DpjaxConv's forward pass for mixed
+// precision (bfloat16 operands, float32 sums), where the CPU has AVX512-BF16.
 //
 // All but that one are float32; all share their work out over XLA's intra-op thread pool.
 // docs/performance.md has the measurements.
@@ -796,6 +796,52 @@ constexpr auto MakeConvBlockTable(std::integer_sequence<int, kRows...>) {
 }
 constexpr auto kConvBlocks = MakeConvBlockTable(std::make_integer_sequence<int, kMaxRows>{});
 
+#ifdef __AVX512BF16__
+// ConvBlock for bfloat16 x and a (C_out / 32, K / 2, 32, 2) panel (PackedDenseBf16's layout):
+// consecutive k of a segment are adjacent channels, so each pair of them is one 32-bit load.
+// Needs even C (then every tap range and segment starts on a pair).
+template <int kRows>
+void ConvBlockBf16(const uint16_t* const* rows, float* const* outs, const uint16_t* panel,
+                   const Taps& taps, int64_t length, int64_t row_stride) {
+  __m512 lo[kRows], hi[kRows];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+  for (int64_t ky = taps.ky_begin; ky < taps.ky_end; ++ky) {
+    const uint16_t* segments[kRows];
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) segments[i] = rows[i] + ky * row_stride;
+    const uint16_t* weights = panel + ky * length * kPanelWidth;
+    for (int64_t j = taps.j_begin; j < taps.j_end; j += 2) {
+      const __m512bh w_lo = (__m512bh)_mm512_loadu_si512(weights + j * kPanelWidth);
+      const __m512bh w_hi = (__m512bh)_mm512_loadu_si512(weights + j * kPanelWidth + 32);
+#pragma GCC unroll 16
+      for (int i = 0; i < kRows; ++i) {
+        uint32_t pair;
+        std::memcpy(&pair, segments[i] + j, sizeof(pair));
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        lo[i] = _mm512_dpbf16_ps(lo[i], xv, w_lo);
+        hi[i] = _mm512_dpbf16_ps(hi[i], xv, w_hi);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+    _mm512_storeu_ps(outs[i], lo[i]);
+    _mm512_storeu_ps(outs[i] + 16, hi[i]);
+  }
+}
+
+using ConvBlockBf16Fn = void (*)(const uint16_t* const*, float* const*, const uint16_t*,
+                                 const Taps&, int64_t, int64_t);
+
+template <int... kRows>
+constexpr auto MakeConvBlockBf16Table(std::integer_sequence<int, kRows...>) {
+  return std::array<ConvBlockBf16Fn, sizeof...(kRows)>{&ConvBlockBf16<kRows + 1>...};
+}
+constexpr auto kConvBlocksBf16 =
+    MakeConvBlockBf16Table(std::make_integer_sequence<int, kMaxRows>{});
+#endif
+
 // Kernel-gradient rows [0, kRows) of `dw` (a 12-float stretch of one kernel row's segment, which
 // starts at `segment` in every pixel's receptive field) x one 32-column panel, summed over
 // `count` pixels and added to dw: dw[i] += sum_p segment[x_offsets[p] + i] * dy[dy_offsets[p]].
@@ -850,8 +896,37 @@ ffi::Error CheckConvOperands(const ffi::Span<const int64_t>& x_dims, int64_t kh,
   return ffi::Error::Success();
 }
 
-// y (N, Ho, Wo, C_out) = conv(x, kernel), x padded (its outer `pad` rows and columns zeros),
-// kernel packed as (C_out / 32, KH·KW·C, 32). Tasks: up to 96 pixels of one run x one panel.
+// y (N, Ho, Wo, C_out) = conv(x, kernel) in float32 sums, x padded (its outer `pad` rows and
+// columns zeros) and the kernel packed by `blocks`' layout: (C_out / 32, KH·KW·C, 32) float32 or
+// (C_out / 32, KH·KW·C / 2, 32, 2) bfloat16 pairs. Tasks: up to 96 pixels of one run x one panel.
+template <typename T, typename Blocks>
+void ConvOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeometry& g,
+                    const T* x_data, const T* panel_data, int64_t panel_count, float* y_data,
+                    int64_t n_dim) {
+  const int64_t run = g.RunLength(), k_dim = g.kh * g.SegmentLength();
+  const int64_t blocks_per_run = (run + kConvPixelsPerTask - 1) / kConvPixelsPerTask;
+  const int64_t tasks = g.Pixels() / run * blocks_per_run * panel_count;
+  ParallelFor(pool, tasks, [=, &g, &blocks](int64_t task) {
+    const int64_t p = task % panel_count, block = task / panel_count;
+    const int64_t run_begin = block / blocks_per_run * run;
+    const int64_t begin = run_begin + block % blocks_per_run * kConvPixelsPerTask;
+    const int64_t end = std::min(run_begin + run, begin + kConvPixelsPerTask);
+    const T* panel = panel_data + p * k_dim * kPanelWidth;
+    const Taps taps = g.TapsAt(begin);
+    const T* rows[kMaxRows];
+    float* outs[kMaxRows];
+    for (int64_t q0 = begin; q0 < end; q0 += kMaxRows) {
+      const int64_t count = std::min<int64_t>(kMaxRows, end - q0);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t m = g.Pixel(q0 + i);
+        rows[i] = x_data + g.PixelOffset(m);
+        outs[i] = y_data + m * n_dim + p * kPanelWidth;
+      }
+      blocks[count - 1](rows, outs, panel, taps, g.SegmentLength(), g.RowStride());
+    }
+  });
+}
+
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y, int64_t kh,
                        int64_t kw, int64_t stride, int64_t pad) {
@@ -870,32 +945,40 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
                        y_dims[2], kh,        kw,        stride,    pad};
-  const int64_t run = g.RunLength(), k_dim = p_dims[1], panel_count = p_dims[0];
-  const int64_t blocks_per_run = (run + kConvPixelsPerTask - 1) / kConvPixelsPerTask;
-  const int64_t blocks = g.Pixels() / run * blocks_per_run;
-  const float* x_data = x.typed_data();
-  const float* panel_data = panels.typed_data();
-  float* y_data = y->typed_data();
-  ParallelFor(pool, blocks * panel_count, [=, &g](int64_t task) {
-    const int64_t p = task % panel_count, block = task / panel_count;
-    const int64_t run_begin = block / blocks_per_run * run;
-    const int64_t begin = run_begin + block % blocks_per_run * kConvPixelsPerTask;
-    const int64_t end = std::min(run_begin + run, begin + kConvPixelsPerTask);
-    const float* panel = panel_data + p * k_dim * kPanelWidth;
-    const Taps taps = g.TapsAt(begin);
-    const float* rows[kMaxRows];
-    float* outs[kMaxRows];
-    for (int64_t q0 = begin; q0 < end; q0 += kMaxRows) {
-      const int64_t count = std::min<int64_t>(kMaxRows, end - q0);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t m = g.Pixel(q0 + i);
-        rows[i] = x_data + g.PixelOffset(m);
-        outs[i] = y_data + m * n_dim + p * kPanelWidth;
-      }
-      kConvBlocks[count - 1](rows, outs, panel, taps, g.SegmentLength(), g.RowStride());
-    }
-  });
+  ConvOverPanels(pool, kConvBlocks, g, x.typed_data(), panels.typed_data(), p_dims[0],
+                 y->typed_data(), n_dim);
   return ffi::Error::Success();
+}
+
+// DpjaxConvBf16: ConvForward of bfloat16 x and kernel (float32 sums), C even.
+ffi::Error ConvForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                           ffi::Buffer<ffi::BF16> panels, ffi::ResultBuffer<ffi::F32> y,
+                           int64_t kh, int64_t kw, int64_t stride, int64_t pad) {
+#ifdef __AVX512BF16__
+  const auto x_dims = x.dimensions();
+  const auto p_dims = panels.dimensions();
+  const auto y_dims = y->dimensions();
+  const int64_t n_dim = y_dims.size() == 4 ? y_dims[3] : 0;
+  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, pad, n_dim, y_dims, "conv");
+      error.failure()) {
+    return error;
+  }
+  if (x_dims[3] % 2 != 0 || p_dims.size() != 4 || p_dims[0] * kPanelWidth != n_dim ||
+      p_dims[1] * 2 != kh * kw * x_dims[3] || p_dims[2] != kPanelWidth || p_dims[3] != 2) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels conv (bfloat16): expected an even C and panels (C_out / 32, KH * KW * C / "
+        "2, 32, 2)");
+  }
+  const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
+                       y_dims[2], kh,        kw,        stride,    pad};
+  ConvOverPanels(pool, kConvBlocksBf16, g, reinterpret_cast<const uint16_t*>(x.typed_data()),
+                 reinterpret_cast<const uint16_t*>(panels.typed_data()), p_dims[0],
+                 y->typed_data(), n_dim);
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "cpu_kernels conv (bfloat16): this CPU has no AVX512-BF16");
+#endif
 }
 
 // dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded as for
@@ -1175,6 +1258,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConv, ConvForward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvBf16, ConvForwardBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")

@@ -13,6 +13,7 @@ Training: `conv` and `conv_kernel_grad` are the ResNet's convolutions as GEMMs w
 read straight out of the padded NHWC input (no patches built), at 170-200 GFLOP/s on the
 2-core VM where XLA:CPU runs the forward at 55-100 and the kernel gradients of the
 high-resolution layers at 25-45; conv_ops' 'cpu_kernels' method gives them their autodiff rule.
+`conv_bf16` is the forward pass for bfloat16 models (AVX512-BF16).
 docs/performance.md has the measurements.
 
 `pack_dense(kernel, bias, dtype)` chooses the layout for the current backend: packed panels
@@ -53,6 +54,7 @@ _ATTENTION_TARGET = 'dpjax_attention'
 _LAYER_NORM_TARGET = 'dpjax_layer_norm'
 _DECODER_LAYER_TARGET = 'dpjax_decoder_layer'
 _CONV_TARGET = 'dpjax_conv'
+_CONV_BF16_TARGET = 'dpjax_conv_bf16'
 _CONV_KERNEL_GRAD_TARGET = 'dpjax_conv_kernel_grad'
 _MAX_POOL_TARGET = 'dpjax_max_pool'
 _MAX_POOL_GRAD_TARGET = 'dpjax_max_pool_grad'
@@ -129,6 +131,7 @@ def _library() -> Optional[ctypes.CDLL]:
                          (_LAYER_NORM_TARGET, library.DpjaxLayerNorm),
                          (_DECODER_LAYER_TARGET, library.DpjaxDecoderLayer),
                          (_CONV_TARGET, library.DpjaxConv),
+                         (_CONV_BF16_TARGET, library.DpjaxConvBf16),
                          (_CONV_KERNEL_GRAD_TARGET, library.DpjaxConvKernelGrad),
                          (_MAX_POOL_TARGET, library.DpjaxMaxPool),
                          (_MAX_POOL_GRAD_TARGET, library.DpjaxMaxPoolGrad),
@@ -190,10 +193,15 @@ def pack_dense(kernel: jax.Array, bias: jax.Array, dtype: Any) -> PackedDense:
   if enabled(dtype):
     return PackedDense(_pack_conv_kernel(padded[None, None], mirror=False), bias)
   if dtype == jnp.bfloat16 and k % 2 == 0 and _bf16_dense_enabled():
-    # (K, N) → (N / 32, K / 2, 32, 2): each k-pair's two weights side by side per column.
-    pairs = padded.reshape(k // 2, 2, -1, PANEL_WIDTH).transpose(2, 0, 3, 1)
-    return PackedDense(pairs, bias)
+    return PackedDense(_bf16_pairs(padded), bias)
   return PackedDense(kernel, bias)
+
+
+def _bf16_pairs(kernel: jax.Array) -> jax.Array:
+  """(K, N) bfloat16, K even and N a multiple of 32 → (N / 32, K / 2, 32, 2): each k-pair's two
+  weights side by side per column, as the AVX512-BF16 dot instruction takes them."""
+  k = kernel.shape[0]
+  return kernel.reshape(k // 2, 2, -1, PANEL_WIDTH).transpose(2, 0, 3, 1)
 
 
 def dense(layer: PackedDense, x: jax.Array) -> jax.Array:
@@ -309,12 +317,17 @@ def _check_conv_operands(where: str, x_padded: jax.Array, kernel_shape: tuple[in
 
 def conv_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
                    dtype: Any) -> bool:
-  """Whether conv_ops' 'cpu_kernels' convolution (forward and both gradients) can run x (N, H,
-  W, C) with kernel (KH, KW, C, C_out): `enabled(dtype)` and every product it runs on these
-  kernels has a multiple of 32 output channels (C_out; C for a stride-1 input gradient)."""
+  """Whether conv_ops' 'cpu_kernels' convolution can run x (N, H, W, C) with kernel (KH, KW, C,
+  C_out) in `dtype`. Float32 (`enabled`): forward and both gradients on these kernels, so every
+  product needs a multiple of 32 output channels (C_out; C for a stride-1 input gradient).
+  Bfloat16 (AVX512-BF16): the forward pass, C even and C_out a multiple of 32 (the gradients
+  are XLA's)."""
   c, c_out = kernel_shape[2:]
-  return (len(x_shape) == 4 and c_out % PANEL_WIDTH == 0 and
-          (stride != 1 or c % PANEL_WIDTH == 0) and enabled(dtype))
+  if len(x_shape) != 4 or c_out % PANEL_WIDTH:
+    return False
+  if dtype == jnp.bfloat16:
+    return c % 2 == 0 and _bf16_dense_enabled()
+  return (stride != 1 or c % PANEL_WIDTH == 0) and enabled(dtype)
 
 
 def _conv_output_shape(x_padded_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
@@ -353,6 +366,24 @@ def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int,
                           vmap_method='sequential')
   return call(x_padded, _pack_conv_kernel(kernel, mirror), kh=np.int64(kh), kw=np.int64(kw),
               stride=np.int64(stride), pad=np.int64(pad))
+
+
+def conv_bf16(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """`conv` of bfloat16 x_padded (N, Hp, Wp, C), C even, with a (KH, KW, C, C_out) kernel (made
+  bfloat16): bfloat16 products summed in float32 → float32 (N, Ho, Wo, C_out). Needs
+  `conv_supported(..., jnp.bfloat16)`; no autodiff rule."""
+  kh, kw, c, c_out = kernel.shape
+  out_shape = _conv_output_shape(x_padded.shape, kernel.shape, stride)
+  if x_padded.dtype != jnp.bfloat16 or x_padded.ndim != 4 or x_padded.shape[-1] != c or (
+      c % 2 or c_out % PANEL_WIDTH or min(out_shape) < 1):
+    raise ValueError(f'cpu_kernels.conv_bf16: expected bfloat16 padded x (N, Hp, Wp, {c}), C '
+                     f'even and C_out a multiple of {PANEL_WIDTH} for kernel {kernel.shape}, got '
+                     f'x {x_padded.dtype} {x_padded.shape} (output {out_shape})')
+  call = jax.ffi.ffi_call(_CONV_BF16_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method='sequential')
+  panels = _bf16_pairs(kernel.astype(jnp.bfloat16).reshape(kh * kw * c, c_out))
+  return call(x_padded, panels, kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride),
+              pad=np.int64(pad))
 
 
 def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[int, ...],
