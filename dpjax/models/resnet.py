@@ -65,7 +65,7 @@ class GroupNorm(nn.Module):
 
 # On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
 # the C++ kernels run every layer of a training batch fastest, and at batch-1 sampling the
-# first stage (2 images of 19×19: 722 pixels; one camera's encoder 22-26 → 19 ms); on smaller
+# first stage (2 images of 19×19: 722 pixels; both cameras' encoders 22-26 → 19 ms); on smaller
 # maps (its deep stages) XLA is faster; in bfloat16 they run the forward pass only. Without
 # them (no compiler), and for bfloat16 gradients: XLA's own kernel
 # gradient is slow for wide, high-resolution layers (stage 1 of the paper-sized ResNet:
