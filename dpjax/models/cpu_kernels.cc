@@ -927,9 +927,13 @@ void ConvOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeome
   });
 }
 
-ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y, int64_t kh,
+// The checks of a conv forward call, then ConvOverPanels with `blocks`; T is float (panels
+// (C_out / 32, K, 32)) or uint16_t bfloat16 (pairs: (C_out / 32, K / 2, 32, 2), C even).
+template <typename T, typename Blocks, typename Buffer>
+ffi::Error CheckedConv(ffi::ThreadPool& pool, const Blocks& blocks, const Buffer& x,
+                       const Buffer& panels, ffi::ResultBuffer<ffi::F32>& y, int64_t kh,
                        int64_t kw, int64_t stride, int64_t pad) {
+  constexpr int64_t kPair = sizeof(T) == 2 ? 2 : 1;
   const auto x_dims = x.dimensions();
   const auto p_dims = panels.dimensions();
   const auto y_dims = y->dimensions();
@@ -938,16 +942,26 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       error.failure()) {
     return error;
   }
-  if (p_dims.size() != 3 || p_dims[0] * kPanelWidth != n_dim || p_dims[1] != kh * kw * x_dims[3] ||
-      p_dims[2] != kPanelWidth) {
+  if (x_dims[3] % kPair != 0 || p_dims.size() != (kPair == 2 ? 4 : 3) ||
+      p_dims[0] * kPanelWidth != n_dim || p_dims[1] * kPair != kh * kw * x_dims[3] ||
+      p_dims[2] != kPanelWidth || (kPair == 2 && p_dims[3] != 2)) {
     return ffi::Error::InvalidArgument(
-        "cpu_kernels conv: expected panels (C_out / 32, KH * KW * C, 32)");
+        kPair == 2 ? "cpu_kernels conv (bfloat16): expected an even C and panels (C_out / 32, "
+                     "KH * KW * C / 2, 32, 2)"
+                   : "cpu_kernels conv: expected panels (C_out / 32, KH * KW * C, 32)");
   }
   const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
                        y_dims[2], kh,        kw,        stride,    pad};
-  ConvOverPanels(pool, kConvBlocks, g, x.typed_data(), panels.typed_data(), p_dims[0],
-                 y->typed_data(), n_dim);
+  ConvOverPanels(pool, blocks, g, reinterpret_cast<const T*>(x.typed_data()),
+                 reinterpret_cast<const T*>(panels.typed_data()), p_dims[0], y->typed_data(),
+                 n_dim);
   return ffi::Error::Success();
+}
+
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y, int64_t kh,
+                       int64_t kw, int64_t stride, int64_t pad) {
+  return CheckedConv<float>(pool, kConvBlocks, x, panels, y, kh, kw, stride, pad);
 }
 
 // DpjaxConvBf16: ConvForward of bfloat16 x and kernel (float32 sums), C even.
@@ -955,26 +969,7 @@ ffi::Error ConvForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                            ffi::Buffer<ffi::BF16> panels, ffi::ResultBuffer<ffi::F32> y,
                            int64_t kh, int64_t kw, int64_t stride, int64_t pad) {
 #ifdef __AVX512BF16__
-  const auto x_dims = x.dimensions();
-  const auto p_dims = panels.dimensions();
-  const auto y_dims = y->dimensions();
-  const int64_t n_dim = y_dims.size() == 4 ? y_dims[3] : 0;
-  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, pad, n_dim, y_dims, "conv");
-      error.failure()) {
-    return error;
-  }
-  if (x_dims[3] % 2 != 0 || p_dims.size() != 4 || p_dims[0] * kPanelWidth != n_dim ||
-      p_dims[1] * 2 != kh * kw * x_dims[3] || p_dims[2] != kPanelWidth || p_dims[3] != 2) {
-    return ffi::Error::InvalidArgument(
-        "cpu_kernels conv (bfloat16): expected an even C and panels (C_out / 32, KH * KW * C / "
-        "2, 32, 2)");
-  }
-  const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
-                       y_dims[2], kh,        kw,        stride,    pad};
-  ConvOverPanels(pool, kConvBlocksBf16, g, reinterpret_cast<const uint16_t*>(x.typed_data()),
-                 reinterpret_cast<const uint16_t*>(panels.typed_data()), p_dims[0],
-                 y->typed_data(), n_dim);
-  return ffi::Error::Success();
+  return CheckedConv<uint16_t>(pool, kConvBlocksBf16, x, panels, y, kh, kw, stride, pad);
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
                     "cpu_kernels conv (bfloat16): this CPU has no AVX512-BF16");

@@ -315,7 +315,8 @@ class DecodingCache(NamedTuple):
   With the token-wise condition encoder (n_cond_layers = 0) a memory row depends only on its own
   condition token, so the time token's row depends only on the timestep and the observation rows
   not at all on it: their cross-attention keys and values are computed once per call. The
-  decoder's Dense weights are packed once per call for the CPU kernel (`cpu_kernels`).
+  decoder's Dense weights are packed once per call for the CPU kernel (`cpu_kernels`). The
+  [K | V] arrays are in the model's dtype, or float32 (holding its values) for the layer kernel.
   """
   time_kv: jax.Array  # (n_steps, n_layer, 2E): cross-attention [K | V] of the time row per step.
   obs_kv: Optional[jax.Array]  # (n_layer, B, To, 2E) [K | V] of the observation rows, or None.
@@ -386,11 +387,24 @@ def decoding_cache(model: TransformerForDiffusion, params: Mapping[str, Any],
     chex.assert_shape(cond, (None, model.n_obs_steps, model.cond_dim))
     obs_memory = memory(_linear(params['cond_obs_emb'], cond, dtype) + cond_pos_emb[1:])
     obs_kv = jnp.stack([cross_kv(p['multihead_attn'], obs_memory) for p in layers])
+  packed_layers = tuple(_packed_layer(p, e, dtype) for p in layers)
+  if _on_layer_kernel(packed_layers):
+    # The layer kernel reads float32 (values of `dtype`): converted once here, not every step.
+    time_kv, obs_kv = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), (time_kv, obs_kv))
   return DecodingCache(
       time_kv=time_kv, obs_kv=obs_kv,
       input_emb=cpu_kernels.pack_dense(**params['input_emb'], dtype=dtype),
-      layers=tuple(_packed_layer(p, e, dtype) for p in layers),
+      layers=packed_layers,
       head=cpu_kernels.pack_dense(**params['head'], dtype=dtype))
+
+
+def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
+  """Whether `cached_denoise` runs these layers on `cpu_kernels.decoder_layer`: one kernel call
+  per layer where the weights are packed for the kernels (at batch 1 the layer's eleven steps
+  take microseconds apiece; as separate calls the pool's wake-ups and XLA's small ops between
+  them cost as much as the work)."""
+  return cpu_kernels.enabled(jnp.float32) and all(
+      dense.kernel.ndim > 2 for layer in layers for dense in layer)
 
 
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
@@ -423,20 +437,14 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
     attend = functools.partial(_attend, num_heads=h, dtype=dtype)
     normalize = functools.partial(_normalize, dtype=dtype)
 
-  # Layers packed for the kernels run as one kernel call each: at batch 1 the layer's eleven
-  # steps take microseconds apiece, and as separate calls the pool's wake-ups and XLA's small
-  # ops between them cost as much as the work.
-  fused_layers = cpu_kernels.enabled(jnp.float32) and all(
-      dense.kernel.ndim > 2 for layer in cache.layers for dense in layer)
   x = cpu_kernels.dense(cache.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
   time_kv = cache.time_kv[step]
   layer_params = [params[f'decoder_layers_{i}'] for i in range(len(cache.layers))]
-  if fused_layers:
+  if _on_layer_kernel(cache.layers):
     # Float32 between the kernel's layers (bfloat16 numbers in bfloat16): no conversions.
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     obs_kv = (jnp.zeros((len(cache.layers), b, 0, 2 * e)) if cache.obs_kv is None
-              else f32(cache.obs_kv))
-    x, time_kv = f32(x), f32(time_kv)
+              else cache.obs_kv)
+    x = x.astype(jnp.float32)
     for p, dense, shared_kv, batch_kv in zip(layer_params, cache.layers, time_kv, obs_kv):
       x = cpu_kernels.decoder_layer(x, shared_kv[None], batch_kv,
                                     [p['norm1'], p['norm2'], p['norm3']], dense, h, tgt_mask,
