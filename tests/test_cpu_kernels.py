@@ -333,52 +333,90 @@ def test_conv2d_cpu_kernels_matches_xla_forward_and_gradients(x_shape, kernel_sh
 
 # pylint: disable-next=protected-access
 @pytest.mark.skipif(not cpu_kernels._bf16_dense_enabled(), reason='CPU without AVX512-BF16')
-@pytest.mark.parametrize('x_shape,kernel_shape,stride,pad', [
-    ((3, 19, 19, 64), (3, 3, 64, 64), 1, 1),  # Batch-1 sampling's first stage.
-    ((2, 10, 10, 64), (3, 3, 64, 128), 2, 1),
-    ((4, 3, 3, 512), (3, 3, 512, 512), 1, 1),  # Tiny maps: taps skipped position by position.
-    ((2, 9, 9, 6), (1, 1, 6, 32), 1, 0),
+@pytest.mark.parametrize('x_shape,kernel_shape,stride', [
+    ((3, 19, 19, 64), (3, 3, 64, 64), 1),  # Stage 1; an odd number of images.
+    ((2, 10, 10, 64), (3, 3, 64, 128), 2),
+    ((5, 10, 10, 64), (1, 1, 64, 128), 2),
+    ((13, 3, 3, 512), (3, 3, 512, 64), 1),  # Tiny maps: taps skipped position by position.
+    ((2, 9, 9, 6), (1, 1, 6, 32), 1),  # Input gradient from XLA: 6 channels.
+    ((3, 20, 20, 3), (7, 7, 3, 64), 2),  # The stem: RGB, one zero channel added.
 ])
-def test_bfloat16_conv_sums_exact_products_and_trains_through_xla(x_shape, kernel_shape, stride,
-                                                                   pad):
-  """bfloat16 x and kernel: the products are exact in float32, so the kernel's float32 sums
-  equal float64 sums to float32 rounding; through conv2d the output is those sums rounded to
-  bfloat16, and the gradients are those of the gradient method (here XLA's)."""
+def test_bfloat16_conv_and_gradients_sum_exact_products(x_shape, kernel_shape, stride):
+  """bfloat16 operands: their products are exact in float32, so the kernels' float32 sums equal
+  float64 sums to float32 rounding (the kernel gradient's; the conv's are rounded once to
+  bfloat16); through conv2d the output and both gradients are float32 results for the same
+  bfloat16 numbers, rounded once to bfloat16."""
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
   kernel = jnp.asarray(0.1 * rng.standard_normal(kernel_shape), jnp.bfloat16)
   assert cpu_kernels.conv_supported(x_shape, kernel_shape, stride, jnp.bfloat16)
-  x_padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  got = jax.jit(cpu_kernels.conv_bf16, static_argnums=(2, 3))(x_padded, kernel, stride, pad)
-  expected = _conv_float64(np.asarray(x_padded, np.float32), np.asarray(kernel, np.float32),
-                           stride)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  pad = kernel_shape[0] // 2
+  x_padded = np.pad(np.asarray(x, np.float32), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  expected = _conv_float64(x_padded, np.asarray(kernel, np.float32), stride)
+  cotangent = jnp.asarray(rng.standard_normal(expected.shape), jnp.bfloat16)
+  expected_grad = _conv_kernel_grad_float64(x_padded, np.asarray(cotangent, np.float32),
+                                            kernel_shape, stride)
+  if x_shape[-1] % 2 == 0:
+    bf16_padded = jnp.asarray(x_padded, jnp.bfloat16)
+    got = jax.jit(cpu_kernels.conv, static_argnums=(2, 3))(bf16_padded, kernel, stride, pad)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=2**-8,
+                               atol=1e-5 * np.abs(expected).max())
+  got_grad = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(2, 3, 4))(
+      jnp.asarray(x_padded, jnp.bfloat16), cotangent, kernel_shape, stride, pad)
+  np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5,
+                             atol=1e-5 * np.abs(expected_grad).max())
 
-  outputs, grads = [], []
-  for method in ('cpu_kernels', 'xla'):
-    conv = lambda x, kernel, method=method: conv_ops.conv2d(x, kernel, stride, method,
-                                                            gradient_method='xla')
-    y, vjp = jax.vjp(jax.jit(conv), x, kernel)
-    outputs.append(np.asarray(y, np.float32))
-    grads.append(vjp(jnp.ones_like(y)))
-  assert cpu_kernels._CONV_BF16_TARGET in str(jax.make_jaxpr(conv_ops.conv2d, static_argnums=(
-      2, 3))(x, kernel, stride, 'cpu_kernels'))
-  np.testing.assert_allclose(outputs[0], np.asarray(got).astype(jnp.bfloat16).astype(np.float32))
-  for ours, xla in zip(*grads):
-    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(xla, np.float32))
+  conv = jax.jit(lambda x, kernel: conv_ops.conv2d(x, kernel, stride, 'cpu_kernels'))
+  y, vjp = jax.vjp(conv, x, kernel)
+  grads = vjp(cotangent)
+  jaxpr = str(jax.make_jaxpr(vjp)(cotangent))
+  assert cpu_kernels._CONV_KERNEL_GRAD_BF16_TARGET in jaxpr
+  # The same bfloat16 numbers in float32 (XLA), rounded to bfloat16 once.
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  y32, vjp32 = jax.vjp(lambda x, kernel: conv_ops.conv2d(x, kernel, stride), f32(x), f32(kernel))
+  for ours, reference in zip((y, *grads), (y32, *vjp32(f32(cotangent)))):
+    assert ours.dtype == jnp.bfloat16 and ours.shape == reference.shape
+    # At most one bfloat16 step apart (2^-7 relative), where float32 sums round differently.
+    np.testing.assert_allclose(f32(ours), f32(reference.astype(jnp.bfloat16)),
+                               rtol=2**-7, atol=1e-6 * float(jnp.abs(reference).max()))
+
+
+# pylint: disable-next=protected-access
+@pytest.mark.skipif(not cpu_kernels._bf16_dense_enabled(), reason='CPU without AVX512-BF16')
+@pytest.mark.parametrize('x_shape,n', [((64, 10, 256), 768), ((3, 7), 64), ((5, 256), 16)])
+def test_bfloat16_matmul_on_the_conv_kernels(x_shape, n):
+  """conv_ops.matmul in bfloat16: the kernels' 1×1 convolution where N is a multiple of 32 (an
+  odd K included), XLA's dot otherwise; both with float32 results for the same bfloat16 numbers,
+  rounded once."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+  kernel = jnp.asarray(0.1 * rng.standard_normal((x_shape[-1], n)), jnp.bfloat16)
+  cotangent = jnp.asarray(rng.standard_normal(x_shape[:-1] + (n,)), jnp.bfloat16)
+  y, vjp = jax.vjp(jax.jit(conv_ops.matmul), x, kernel)
+  on_kernels = cpu_kernels._CONV_KERNEL_GRAD_BF16_TARGET in str(jax.make_jaxpr(vjp)(cotangent))
+  assert on_kernels == (n % 32 == 0)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  y32, vjp32 = jax.vjp(lambda x, kernel: x @ kernel, f32(x), f32(kernel))
+  for ours, reference in zip((y, *vjp(cotangent)), (y32, *vjp32(f32(cotangent)))):
+    assert ours.dtype == jnp.bfloat16 and ours.shape == reference.shape
+    np.testing.assert_allclose(f32(ours), f32(reference.astype(jnp.bfloat16)), rtol=2**-7,
+                               atol=1e-6 * float(jnp.abs(reference).max()))
 
 
 def test_conv_refuses_what_it_cannot_run():
   assert cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 64), 1, jnp.float32)
   assert not cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 48), 1, jnp.float32)
-  assert not cpu_kernels.conv_supported((2, 76, 76, 3), (7, 7, 3, 64), 2, jnp.bfloat16)
-  with pytest.raises(ValueError, match=r'conv_bf16: expected bfloat16 padded x .* got x float32'):
-    cpu_kernels.conv_bf16(jnp.ones((1, 5, 5, 64)), jnp.ones((3, 3, 64, 64)), 1, 1)
+  with pytest.raises(ValueError, match=r'expected float32 or bfloat16 padded x .* got x float16'):
+    cpu_kernels.conv(jnp.ones((1, 5, 5, 64), jnp.float16), jnp.ones((3, 3, 64, 64)), 1, 1)
+  with pytest.raises(ValueError, match=r'C even for a bfloat16 conv\), got x bfloat16'):
+    cpu_kernels.conv(jnp.ones((1, 5, 5, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 64)), 1, 1)
   assert not cpu_kernels.conv_supported((2, 9, 9, 16), (3, 3, 16, 32), 1, jnp.float32)
   assert cpu_kernels.conv_supported((2, 9, 9, 16), (3, 3, 16, 32), 2, jnp.float32)
-  # bfloat16: the forward kernel where the CPU has AVX512-BF16, never for an odd C.
-  assert cpu_kernels.conv_supported((2, 9, 9, 64), (3, 3, 64, 64), 1, jnp.bfloat16) == (
-      cpu_kernels._bf16_dense_enabled())  # pylint: disable=protected-access
+  # bfloat16: where the CPU has AVX512-BF16, any C (conv_ops pads an odd one).
+  for c in (64, 3):
+    assert cpu_kernels.conv_supported((2, 9, 9, c), (3, 3, c, 64), 1, jnp.bfloat16) == (
+        cpu_kernels._bf16_dense_enabled())  # pylint: disable=protected-access
   with pytest.raises(ValueError, match=r"'cpu_kernels' cannot run x float32 \(2, 9, 9, 64\) "
                                        r'with kernel \(3, 3, 64, 48\)'):
     conv_ops.conv2d(jnp.ones((2, 9, 9, 64)), jnp.ones((3, 3, 64, 48)), 1, 'cpu_kernels')
@@ -386,6 +424,9 @@ def test_conv_refuses_what_it_cannot_run():
     cpu_kernels.conv(jnp.ones((1, 5, 5, 8)), jnp.ones((3, 3, 8, 16)), 1, 1)
   with pytest.raises(ValueError, match=r'expected float32 grad \(1, 3, 3, 32\)'):
     cpu_kernels.conv_kernel_grad(jnp.ones((1, 5, 5, 8)), jnp.ones((1, 4, 4, 32)),
+                                 (3, 3, 8, 32), 1, 1)
+  with pytest.raises(ValueError, match=r'expected bfloat16 grad \(1, 3, 3, 32\), got float32'):
+    cpu_kernels.conv_kernel_grad(jnp.ones((1, 5, 5, 8), jnp.bfloat16), jnp.ones((1, 3, 3, 32)),
                                  (3, 3, 8, 32), 1, 1)
   # The C++ handler checks its operands itself: here an output larger than the input allows.
   call = jax.ffi.ffi_call(cpu_kernels._CONV_TARGET,

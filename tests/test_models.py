@@ -18,7 +18,7 @@ from dpjax.models import transformer as transformer_lib
 from dpjax.models.obs_encoder import (ImageEncoder, ObservationEncoder, SpatialSoftmax,
                                       crop_images, output_dim)
 from dpjax.models import resnet
-from dpjax.models.resnet import ResNet18, conv_method, gradient_method
+from dpjax.models.resnet import ResNet18, conv_method
 from dpjax.models.transformer import TransformerForDiffusion, attention_masks
 
 LIFT = ShapeMeta.from_config(get_config().task.shape_meta)
@@ -605,7 +605,7 @@ def test_conv_method_per_layer_of_the_lift_resnets(cpu_kernels, monkeypatch):
   # kernels built, every conv of a training batch (128 images) with multiples of 32 channels
   # runs on them; batch-1 sampling (4 images) keeps XLA's convolution on maps under 1024 pixels
   # in all. Without the kernels, stage-1 inputs get the GEMM kernel gradient and stage 4's
-  # stride-1 convs the tap GEMMs (from 32 images on). Other backends and bfloat16: XLA.
+  # stride-1 convs the tap GEMMs (from 32 images on). Other backends: XLA.
   if not cpu_kernels:
     monkeypatch.setattr(cpu_kernels_lib, '_usable', lambda: False)
   f32 = jnp.float32
@@ -631,18 +631,16 @@ def test_conv_method_per_layer_of_the_lift_resnets(cpu_kernels, monkeypatch):
   assert method((128, 10, 10, 32), 32, 3, 1) == kernels_or('xla')
   assert method((128, 19, 19, 16), 32, 3, 1) == 'xla'  # Its input gradient has 16 channels.
   assert method((128, 19, 19, 16), 32, 3, 2) == kernels_or('xla')
-  # bfloat16: forward on the bf16 kernel where the CPU has AVX512-BF16 (never for the 3-channel
-  # stem), gradients from the method chosen without kernels.
+  # bfloat16: on the bf16 kernels where the CPU has AVX512-BF16 (the 3-channel stem too: conv_ops
+  # adds a zero channel), else the same fallbacks as float32.
   # pylint: disable-next=protected-access
   bf16_kernels = cpu_kernels and cpu_kernels_lib._bf16_dense_enabled()
   bf16_or = lambda fallback: 'cpu_kernels' if bf16_kernels else fallback
   assert method((128, 19, 19, 64), 64, 3, 1, dtype=jnp.bfloat16) == bf16_or('gemm_kernel_grad')
   assert method((128, 3, 3, 512), 512, 3, 1, dtype=jnp.bfloat16) == bf16_or('tap_gemms')
-  assert method((128, 76, 76, 3), 64, 7, 2, dtype=jnp.bfloat16) == 'xla'
-  assert gradient_method((128, 19, 19, 64), 1, 'cpu') == 'gemm_kernel_grad'
-  assert gradient_method((128, 3, 3, 512), 1, 'cpu') == 'tap_gemms'
-  assert gradient_method((128, 10, 10, 128), 1, 'cpu') == 'xla'
-  assert gradient_method((128, 19, 19, 64), 1, 'gpu') == 'xla'
+  assert method((128, 76, 76, 3), 64, 7, 2, dtype=jnp.bfloat16) == bf16_or('xla')
+  assert method((128, 19, 19, 16), 32, 3, 1, dtype=jnp.bfloat16) == bf16_or('xla')
+  assert method((4, 3, 3, 512), 512, 3, 1, dtype=jnp.bfloat16) == 'xla'
   assert method((128, 3, 3, 512), 512, 3, 1, backend='gpu') == 'xla'
   assert method((128, 19, 19, 64), 64, 3, 1, backend='gpu') == 'xla'
 

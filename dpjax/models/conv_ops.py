@@ -6,9 +6,9 @@ order); `conv2d` offers three other formulations of the same convolution:
 * `method='cpu_kernels'`: forward and kernel gradient on the C++ kernels (cpu_kernels.conv,
   conv_kernel_grad: GEMMs reading the padded input in place, 2-6× faster than XLA:CPU on the
   ResNet's layers); a stride-1 input gradient is the same kernel on the padded output gradient
-  with the mirrored, transposed kernel; a strided one is XLA's transposed convolution. In
-  bfloat16 (CPUs with AVX512-BF16) only the forward pass runs on a kernel (products summed in
-  float32, as XLA's bfloat16 convolution); the gradients are those of `gradient_method`.
+  with the mirrored, transposed kernel; a strided one is XLA's transposed convolution (in
+  float32). float32, or bfloat16 on CPUs with AVX512-BF16 (products summed in float32 and
+  rounded once, as XLA's bfloat16 convolution).
 * `method='gemm_kernel_grad'`: the kernel gradient is one matrix product of the input's k×k
   patches with the output gradient (the fallback where the C++ kernels cannot be built or
   used). XLA:CPU otherwise runs it as a convolution whose window is
@@ -126,62 +126,46 @@ def _conv_cpu_kernels(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array
 
 
 def _cpu_kernels_forward(x, kernel, stride):
-  pad = kernel.shape[0] // 2
-  x_padded = _pad_same(x, kernel.shape[0])
-  return cpu_kernels.conv(x_padded, kernel, stride, pad), (x_padded, kernel)
+  k = kernel.shape[0]
+  x_padded = _pad_same(x, k)
+  channels = x.shape[-1]
+  if x.dtype == jnp.bfloat16 and channels % 2:
+    # The bfloat16 kernel takes channels in pairs: one zero channel more (the stem's RGB).
+    x_padded = jnp.pad(x_padded, ((0, 0),) * 3 + ((0, 1),))
+    kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, 1), (0, 0)))
+  return cpu_kernels.conv(x_padded, kernel, stride, k // 2), (x_padded, kernel, channels)
 
 
 def _cpu_kernels_backward(stride, residuals, grad):
-  x_padded, kernel = residuals
-  pad = kernel.shape[0] // 2
+  x_padded, kernel, channels = residuals
+  k = kernel.shape[0]
+  pad = k // 2
   grad_kernel = cpu_kernels.conv_kernel_grad(x_padded, grad, kernel.shape, stride, pad)
-  if stride == 1:
+  n, hp, wp, _ = x_padded.shape
+  if stride == 1 and channels % cpu_kernels.PANEL_WIDTH == 0:
     # A stride-1 convolution's input gradient is the convolution of the padded output gradient
     # with the kernel mirrored in space and transposed in channels.
-    grad_x = cpu_kernels.conv(_pad_same(grad, kernel.shape[0]), kernel, 1, pad, mirror=True)
+    grad_x = cpu_kernels.conv(_pad_same(grad, k), kernel, 1, pad, mirror=True)
   else:
-    n, hp, wp, c = x_padded.shape
-    x = jax.ShapeDtypeStruct((n, hp - 2 * pad, wp - 2 * pad, c), grad.dtype)
-    grad_x = _xla_input_grad(x, kernel, stride, grad)
-  return grad_x, grad_kernel
+    # Strided (or narrow) input gradients are XLA's, in float32 also for bfloat16: XLA:CPU's
+    # bfloat16 convolutions are slower.
+    x = jax.ShapeDtypeStruct((n, hp - 2 * pad, wp - 2 * pad, channels), jnp.float32)
+    grad_x = _xla_input_grad(x, kernel[:, :, :channels].astype(jnp.float32), stride,
+                             grad.astype(jnp.float32))
+  return grad_x.astype(grad.dtype), grad_kernel[:, :, :channels].astype(kernel.dtype)
 
 
 _conv_cpu_kernels.defvjp(_cpu_kernels_forward, _cpu_kernels_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_bf16_kernel(x: jax.Array, kernel: jax.Array, stride: int,
-                      gradient_method: str) -> jax.Array:
-  pad = kernel.shape[0] // 2
-  y = cpu_kernels.conv_bf16(_pad_same(x, kernel.shape[0]), kernel, stride, pad)
-  return y.astype(x.dtype)
-
-
-def _bf16_kernel_forward(x, kernel, stride, gradient_method):
-  return _conv_bf16_kernel(x, kernel, stride, gradient_method), (x, kernel)
-
-
-def _bf16_kernel_backward(stride, gradient_method, residuals, grad):
-  x, kernel = residuals
-  conv = lambda x, kernel: conv2d(x, kernel, stride, gradient_method)
-  return jax.vjp(conv, x, kernel)[1](grad)
-
-
-_conv_bf16_kernel.defvjp(_bf16_kernel_forward, _bf16_kernel_backward)
-
-
 CONV_METHODS = ('xla', 'gemm_kernel_grad', 'tap_gemms', 'cpu_kernels')
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla',
-           gradient_method: str = 'xla') -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') -> jax.Array:
   """Bias-free convolution with torch's padding (k // 2 each side), NHWC × HWIO → NHWC.
 
   x (N, H, W, C_in); kernel (k, k, C_in, C_out) with odd k; same dtype for both.
   method: one of CONV_METHODS (see the module docstring); 'tap_gemms' needs stride 1.
-  gradient_method: for 'cpu_kernels' in bfloat16, whose kernel is forward-only: the method
-    whose gradients this convolution has (the same function, so the same gradients up to
-    rounding).
   """
   if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
     raise ValueError(f'conv2d: kernel must be (k, k, C_in, C_out) with odd k, got {kernel.shape}')
@@ -194,8 +178,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla',
       raise ValueError(f"conv2d: method 'cpu_kernels' cannot run x {x.dtype} {x.shape} with "
                        f'kernel {kernel.shape} and stride {stride} '
                        '(see cpu_kernels.conv_supported)')
-    if x.dtype == jnp.bfloat16:
-      return _conv_bf16_kernel(x, kernel, stride, gradient_method)
     return _conv_cpu_kernels(x, kernel, stride)
   if method == 'tap_gemms':
     if stride != 1:
@@ -204,6 +186,20 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla',
   if method != 'xla':
     raise ValueError(f'conv2d: method must be one of {CONV_METHODS}, got {method!r}')
   return _xla_conv(x, kernel, stride)
+
+
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (..., K) @ kernel (K, N), one dtype for both. In bfloat16 where the conv kernels run it
+  (`cpu_kernels.conv_supported`: N a multiple of 32, AVX512-BF16), as their 1×1 convolution
+  over the rows of x, gradients included: XLA:CPU's bfloat16 dots ran the transformer's
+  training matmuls at 70-130 GFLOP/s (docs/performance.md)."""
+  k, n = kernel.shape
+  rows = x.reshape(-1, 1, 1, k)
+  if x.dtype != jnp.bfloat16 or not cpu_kernels.conv_supported(rows.shape, (1, 1, k, n), 1,
+                                                                x.dtype):
+    return x @ kernel
+  y = conv2d(rows, kernel.reshape(1, 1, k, n), 1, 'cpu_kernels')
+  return y.reshape(*x.shape[:-1], n)
 
 
 _POOL_WINDOW, _POOL_STRIDE, _POOL_PAD = 3, 2, 1  # _POOL_PAD = _POOL_WINDOW // 2, as _windows.
@@ -218,8 +214,10 @@ def _max_pool_forward_only(x: jax.Array) -> jax.Array:
 
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
   """torch's MaxPool2d(3, stride=2, padding=1) on NHWC: (N, H, W, C) → (N, ⌈H/2⌉, ⌈W/2⌉, C)."""
-  if cpu_kernels.enabled(x.dtype):
-    return _max_pool_cpu_kernels(x, x.shape)
+  if cpu_kernels.enabled(jnp.float32) and x.dtype in (jnp.float32, jnp.bfloat16):
+    # bfloat16 through the float32 kernels: the maxima are exact either way, and XLA's
+    # bfloat16 backward took 0.44 s per camera of a training step, on one thread.
+    return _max_pool_cpu_kernels(x.astype(jnp.float32), x.shape).astype(x.dtype)
   return _max_pool_xla(x)
 
 

@@ -22,10 +22,11 @@
 // the kernel gradients of the high-resolution layers as convolutions whose window is the whole
 // feature map, at 25-45 GFLOP/s; these run at 170-200 on two cores.
 //
-// DpjaxPackedDenseBf16, DpjaxConvBf16: DpjaxPackedDense and DpjaxConv's forward pass for mixed
-// precision (bfloat16 operands, float32 sums), where the CPU has AVX512-BF16.
+// DpjaxPackedDenseBf16, DpjaxConvBf16, DpjaxConvKernelGradBf16: DpjaxPackedDense, DpjaxConv
+// and DpjaxConvKernelGrad for mixed precision (bfloat16 operands, float32 sums), where the CPU
+// has AVX512-BF16.
 //
-// All but that one are float32; all share their work out over XLA's intra-op thread pool.
+// All but those are float32; all share their work out over XLA's intra-op thread pool.
 // docs/performance.md has the measurements.
 
 #include <algorithm>
@@ -801,7 +802,7 @@ constexpr auto kConvBlocks = MakeConvBlockTable(std::make_integer_sequence<int, 
 // consecutive k of a segment are adjacent channels, so each pair of them is one 32-bit load.
 // Needs even C (then every tap range and segment starts on a pair).
 template <int kRows>
-void ConvBlockBf16(const uint16_t* const* rows, float* const* outs, const uint16_t* panel,
+void ConvBlockBf16(const uint16_t* const* rows, uint16_t* const* outs, const uint16_t* panel,
                    const Taps& taps, int64_t length, int64_t row_stride) {
   __m512 lo[kRows], hi[kRows];
 #pragma GCC unroll 16
@@ -824,14 +825,16 @@ void ConvBlockBf16(const uint16_t* const* rows, float* const* outs, const uint16
       }
     }
   }
+  // Rounded to nearest even, as XLA converts.
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
-    _mm512_storeu_ps(outs[i], lo[i]);
-    _mm512_storeu_ps(outs[i] + 16, hi[i]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[i]), (__m256i)_mm512_cvtneps_pbh(lo[i]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[i] + 16),
+                        (__m256i)_mm512_cvtneps_pbh(hi[i]));
   }
 }
 
-using ConvBlockBf16Fn = void (*)(const uint16_t* const*, float* const*, const uint16_t*,
+using ConvBlockBf16Fn = void (*)(const uint16_t* const*, uint16_t* const*, const uint16_t*,
                                  const Taps&, int64_t, int64_t);
 
 template <int... kRows>
@@ -879,6 +882,46 @@ constexpr auto MakeKernelGradTable(std::integer_sequence<int, kRows...>) {
 constexpr auto kKernelGradBlocks =
     MakeKernelGradTable(std::make_integer_sequence<int, kMaxRows>{});
 
+#ifdef __AVX512BF16__
+// KernelGradBlock for bfloat16 operands in image pairs (PairImages): each uint32_t of `segment`
+// and `dy` holds two images' values at one place, so a pixel pair's patch value is one
+// broadcast, 16 columns' gradients one vector, and vdpbf16ps sums both images' products.
+template <int kRows>
+void KernelGradBlockBf16(const uint32_t* segment, const int64_t* x_offsets, const uint32_t* dy,
+                         const int64_t* dy_offsets, int64_t count, float* dw, int64_t n_dim) {
+  __m512 lo[kRows], hi[kRows];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < count; ++p) {
+    const uint32_t* patch = segment + x_offsets[p];
+    const __m512bh g_lo = (__m512bh)_mm512_loadu_si512(dy + dy_offsets[p]);
+    const __m512bh g_hi = (__m512bh)_mm512_loadu_si512(dy + dy_offsets[p] + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(patch[i]));
+      lo[i] = _mm512_dpbf16_ps(lo[i], xv, g_lo);
+      hi[i] = _mm512_dpbf16_ps(hi[i], xv, g_hi);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+    _mm512_storeu_ps(dw + i * n_dim, _mm512_add_ps(_mm512_loadu_ps(dw + i * n_dim), lo[i]));
+    _mm512_storeu_ps(dw + i * n_dim + 16,
+                     _mm512_add_ps(_mm512_loadu_ps(dw + i * n_dim + 16), hi[i]));
+  }
+}
+
+using KernelGradBlockBf16Fn = void (*)(const uint32_t*, const int64_t*, const uint32_t*,
+                                       const int64_t*, int64_t, float*, int64_t);
+
+template <int... kRows>
+constexpr auto MakeKernelGradBf16Table(std::integer_sequence<int, kRows...>) {
+  return std::array<KernelGradBlockBf16Fn, sizeof...(kRows)>{&KernelGradBlockBf16<kRows + 1>...};
+}
+constexpr auto kKernelGradBlocksBf16 =
+    MakeKernelGradBf16Table(std::make_integer_sequence<int, kMaxRows>{});
+#endif
+
 constexpr int64_t kConvPixelsPerTask = 96;
 constexpr int64_t kGradPixelsPerBlock = 512;
 constexpr int64_t kGradPixelsPerChunk = 2048;
@@ -898,10 +941,11 @@ ffi::Error CheckConvOperands(const ffi::Span<const int64_t>& x_dims, int64_t kh,
 
 // y (N, Ho, Wo, C_out) = conv(x, kernel) in float32 sums, x padded (its outer `pad` rows and
 // columns zeros) and the kernel packed by `blocks`' layout: (C_out / 32, KH·KW·C, 32) float32 or
-// (C_out / 32, KH·KW·C / 2, 32, 2) bfloat16 pairs. Tasks: up to 96 pixels of one run x one panel.
+// (C_out / 32, KH·KW·C / 2, 32, 2) bfloat16 pairs; y in T too. Tasks: up to 96 pixels of one
+// run x one panel.
 template <typename T, typename Blocks>
 void ConvOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeometry& g,
-                    const T* x_data, const T* panel_data, int64_t panel_count, float* y_data,
+                    const T* x_data, const T* panel_data, int64_t panel_count, T* y_data,
                     int64_t n_dim) {
   const int64_t run = g.RunLength(), k_dim = g.kh * g.SegmentLength();
   const int64_t blocks_per_run = (run + kConvPixelsPerTask - 1) / kConvPixelsPerTask;
@@ -914,7 +958,7 @@ void ConvOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeome
     const T* panel = panel_data + p * k_dim * kPanelWidth;
     const Taps taps = g.TapsAt(begin);
     const T* rows[kMaxRows];
-    float* outs[kMaxRows];
+    T* outs[kMaxRows];
     for (int64_t q0 = begin; q0 < end; q0 += kMaxRows) {
       const int64_t count = std::min<int64_t>(kMaxRows, end - q0);
       for (int64_t i = 0; i < count; ++i) {
@@ -929,10 +973,10 @@ void ConvOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeome
 
 // The checks of a conv forward call, then ConvOverPanels with `blocks`; T is float (panels
 // (C_out / 32, K, 32)) or uint16_t bfloat16 (pairs: (C_out / 32, K / 2, 32, 2), C even).
-template <typename T, typename Blocks, typename Buffer>
+template <typename T, typename Blocks, typename Buffer, typename Result>
 ffi::Error CheckedConv(ffi::ThreadPool& pool, const Blocks& blocks, const Buffer& x,
-                       const Buffer& panels, ffi::ResultBuffer<ffi::F32>& y, int64_t kh,
-                       int64_t kw, int64_t stride, int64_t pad) {
+                       const Buffer& panels, Result& y, int64_t kh, int64_t kw, int64_t stride,
+                       int64_t pad) {
   constexpr int64_t kPair = sizeof(T) == 2 ? 2 : 1;
   const auto x_dims = x.dimensions();
   const auto p_dims = panels.dimensions();
@@ -953,8 +997,8 @@ ffi::Error CheckedConv(ffi::ThreadPool& pool, const Blocks& blocks, const Buffer
   const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
                        y_dims[2], kh,        kw,        stride,    pad};
   ConvOverPanels(pool, blocks, g, reinterpret_cast<const T*>(x.typed_data()),
-                 reinterpret_cast<const T*>(panels.typed_data()), p_dims[0], y->typed_data(),
-                 n_dim);
+                 reinterpret_cast<const T*>(panels.typed_data()), p_dims[0],
+                 reinterpret_cast<T*>(y->typed_data()), n_dim);
   return ffi::Error::Success();
 }
 
@@ -964,9 +1008,10 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return CheckedConv<float>(pool, kConvBlocks, x, panels, y, kh, kw, stride, pad);
 }
 
-// DpjaxConvBf16: ConvForward of bfloat16 x and kernel (float32 sums), C even.
+// DpjaxConvBf16: ConvForward of bfloat16 x and kernel (float32 sums rounded once to a bfloat16
+// y), C even.
 ffi::Error ConvForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
-                           ffi::Buffer<ffi::BF16> panels, ffi::ResultBuffer<ffi::F32> y,
+                           ffi::Buffer<ffi::BF16> panels, ffi::ResultBuffer<ffi::BF16> y,
                            int64_t kh, int64_t kw, int64_t stride, int64_t pad) {
 #ifdef __AVX512BF16__
   return CheckedConv<uint16_t>(pool, kConvBlocksBf16, x, panels, y, kh, kw, stride, pad);
@@ -976,40 +1021,44 @@ ffi::Error ConvForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
 #endif
 }
 
-// dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded as for
-// ConvForward. Tasks are (pixel chunk, group of 32-column panels): each chunk sums into its own
-// copy of dw (added up at the end), so there are enough tasks to share while the copies stay
-// few: many pixels (high-resolution layers) split into chunks, wide kernels (deep layers) into
-// groups. Within a task, pixels go in blocks of up to kGradPixelsPerBlock (within one run):
-// their dy rows and x patches stay in L2 while every (12-row, 32-column) tile of dw is summed
-// over them in registers.
-ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                          ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad) {
-  const auto x_dims = x.dimensions();
-  const auto dy_dims = dy.dimensions();
-  const auto w_dims = dw->dimensions();
+// The geometry of a kernel-gradient call, after its checks: dw (KH, KW, C, C_out) for padded
+// x (N, Hp, Wp, C) and dy (N, Ho, Wo, C_out).
+ffi::Error KernelGradGeometry(const ffi::Span<const int64_t>& x_dims,
+                              const ffi::Span<const int64_t>& dy_dims,
+                              const ffi::Span<const int64_t>& w_dims, int64_t stride, int64_t pad,
+                              ConvGeometry* g) {
   if (w_dims.size() != 4 || x_dims.size() != 4 || w_dims[2] != x_dims[3]) {
     return ffi::Error::InvalidArgument(
         "cpu_kernels conv_kernel_grad: expected dw (KH, KW, C, C_out) for x (N, Hp, Wp, C)");
   }
-  const int64_t kh = w_dims[0], kw = w_dims[1], n_dim = w_dims[3];
-  if (auto error = CheckConvOperands(x_dims, kh, kw, stride, pad, n_dim, dy_dims,
-                                     "conv_kernel_grad");
+  if (auto error = CheckConvOperands(x_dims, w_dims[0], w_dims[1], stride, pad, w_dims[3],
+                                     dy_dims, "conv_kernel_grad");
       error.failure()) {
     return error;
   }
-  const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], dy_dims[1],
-                       dy_dims[2], kh,       kw,        stride,    pad};
-  const int64_t pixels = g.Pixels(), run = g.RunLength(), k_dim = kh * kw * g.c;
+  *g = ConvGeometry{x_dims[0], x_dims[1], x_dims[2], x_dims[3], dy_dims[1],
+                    dy_dims[2], w_dims[0], w_dims[1], stride,    pad};
+  return ffi::Error::Success();
+}
+
+// dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded as for
+// ConvForward, with `blocks` over elements T of x and dy (float; or, for bfloat16, uint32_t
+// image pairs). Tasks are (pixel chunk, group of 32-column panels): each chunk sums into its
+// own copy of dw (added up at the end), so there are enough tasks to share while the copies
+// stay few: many pixels (high-resolution layers) split into chunks, wide kernels (deep layers)
+// into groups. Within a task, pixels go in blocks of up to kGradPixelsPerBlock (within one
+// run): their dy rows and x patches stay in L2 while every (12-row, 32-column) tile of dw is
+// summed over them in registers.
+template <typename T, typename Blocks>
+void KernelGradOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeometry& g,
+                          const T* x_data, const T* dy_data, float* dw_data, int64_t n_dim) {
+  const int64_t pixels = g.Pixels(), run = g.RunLength(), k_dim = g.kh * g.SegmentLength();
   const int64_t panels = n_dim / kPanelWidth;
   const int64_t wanted_tasks = 2 * (pool.num_threads() + 1);
   const int64_t chunks = std::clamp<int64_t>(pixels / kGradPixelsPerChunk, 1, wanted_tasks);
   const int64_t groups = std::min(panels, (wanted_tasks + chunks - 1) / chunks);
   std::vector<float> partial(static_cast<size_t>((chunks - 1) * k_dim * n_dim));
-  const float* x_data = x.typed_data();
-  const float* dy_data = dy.typed_data();
-  float* dw_data = dw->typed_data();
-  ParallelFor(pool, chunks * groups, [=, &g, &partial](int64_t task) {
+  ParallelFor(pool, chunks * groups, [=, &g, &blocks, &partial](int64_t task) {
     const int64_t chunk = task / groups, group = task % groups;
     const int64_t col_begin = group * panels / groups * kPanelWidth;
     const int64_t col_end = (group + 1) * panels / groups * kPanelWidth;
@@ -1031,11 +1080,11 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       for (int64_t ky = taps.ky_begin; ky < taps.ky_end; ++ky) {
         for (int64_t j = taps.j_begin; j < taps.j_end; j += kMaxRows) {
           const int64_t rows = std::min<int64_t>(kMaxRows, taps.j_end - j);
-          const float* segment = x_data + ky * g.RowStride() + j;
+          const T* segment = x_data + ky * g.RowStride() + j;
           float* out = sum + (ky * length + j) * n_dim;
           for (int64_t col = col_begin; col < col_end; col += kPanelWidth) {
-            kKernelGradBlocks[rows - 1](segment, x_offsets, dy_data + col, dy_offsets, q1 - q0,
-                                        out + col, n_dim);
+            blocks[rows - 1](segment, x_offsets, dy_data + col, dy_offsets, q1 - q0, out + col,
+                             n_dim);
           }
         }
       }
@@ -1050,7 +1099,78 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       for (int64_t i = begin; i < end; ++i) dw_data[i] += part[i];
     }
   });
+}
+
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad) {
+  ConvGeometry g;
+  if (auto error = KernelGradGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), stride,
+                                      pad, &g);
+      error.failure()) {
+    return error;
+  }
+  KernelGradOverPanels(pool, kKernelGradBlocks, g, x.typed_data(), dy.typed_data(),
+                       dw->typed_data(), dw->dimensions()[3]);
   return ffi::Error::Success();
+}
+
+// `values` (N, rest) bfloat16 → `out` (ceil(N / 2), rest) image pairs: out[i][j] holds
+// values[2i][j] in its low and values[2i + 1][j] in its high 16 bits (zero past an odd N's last
+// image).
+void PairImages(ffi::ThreadPool& pool, const uint16_t* values, int64_t n, int64_t rest,
+                uint32_t* out_data) {
+  const int64_t pairs = (n + 1) / 2;
+  ParallelFor(pool, pairs, [=](int64_t pair) {
+    const uint16_t* first = values + 2 * pair * rest;
+    const uint16_t* second = first + rest;
+    uint32_t* to = out_data + pair * rest;
+    if (2 * pair + 1 == n) {
+      for (int64_t j = 0; j < rest; ++j) to[j] = first[j];
+      return;
+    }
+    for (int64_t j = 0; j < rest; ++j) {
+      to[j] = static_cast<uint32_t>(first[j]) | static_cast<uint32_t>(second[j]) << 16;
+    }
+  });
+}
+
+// DpjaxConvKernelGradBf16: ConvKernelGrad of bfloat16 x and dy with float32 sums. vdpbf16ps
+// sums over pairs of the reduced axis, here pixels; the pairs are two images' same pixel, so
+// that the x and dy of both sit side by side after one interleaving pass (into x_pairs and
+// dy_pairs, results only as scratch space: XLA reuses its buffers, where fresh allocations
+// made a bfloat16 training step fault in ~150 MB) and the pixel arithmetic is
+// ConvKernelGrad's over ceil(N / 2) "images".
+ffi::Error ConvKernelGradBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                              ffi::Buffer<ffi::BF16> dy, ffi::ResultBuffer<ffi::F32> dw,
+                              ffi::ResultBuffer<ffi::U32> x_pairs,
+                              ffi::ResultBuffer<ffi::U32> dy_pairs, int64_t stride,
+                              int64_t pad) {
+#ifdef __AVX512BF16__
+  ConvGeometry g;
+  if (auto error = KernelGradGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), stride,
+                                      pad, &g);
+      error.failure()) {
+    return error;
+  }
+  const int64_t n = g.n, n_dim = dw->dimensions()[3];
+  if (x_pairs->element_count() != (n + 1) / 2 * g.hp * g.wp * g.c ||
+      dy_pairs->element_count() != (n + 1) / 2 * g.ho * g.wo * n_dim) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels conv_kernel_grad (bfloat16): expected scratch results of ceil(N / 2) x "
+        "Hp x Wp x C and ceil(N / 2) x Ho x Wo x C_out");
+  }
+  PairImages(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), n, g.hp * g.wp * g.c,
+             x_pairs->typed_data());
+  PairImages(pool, reinterpret_cast<const uint16_t*>(dy.typed_data()), n, g.ho * g.wo * n_dim,
+             dy_pairs->typed_data());
+  g.n = (n + 1) / 2;
+  KernelGradOverPanels(pool, kKernelGradBlocksBf16, g, x_pairs->typed_data(),
+                       dy_pairs->typed_data(), dw->typed_data(), n_dim);
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "cpu_kernels conv_kernel_grad (bfloat16): this CPU has no AVX512-BF16");
+#endif
 }
 
 // Packs a (KH, KW, C, C_out) kernel into ConvForward's (C_out / 32, KH·KW·C, 32) panels, or with
@@ -1264,7 +1384,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvBf16, ConvForwardBf16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("stride")
@@ -1276,6 +1396,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGrad, ConvKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGradBf16, ConvKernelGradBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad"));
 

@@ -13,7 +13,8 @@ Training: `conv` and `conv_kernel_grad` are the ResNet's convolutions as GEMMs w
 read straight out of the padded NHWC input (no patches built), at 170-200 GFLOP/s on the
 2-core VM where XLA:CPU runs the forward at 55-100 and the kernel gradients of the
 high-resolution layers at 25-45; conv_ops' 'cpu_kernels' method gives them their autodiff rule.
-`conv_bf16` is the forward pass for bfloat16 models (AVX512-BF16).
+Both also run bfloat16 operands (float32 sums) for mixed precision, where the CPU has
+AVX512-BF16.
 docs/performance.md has the measurements.
 
 `pack_dense(kernel, bias, dtype)` chooses the layout for the current backend: packed panels
@@ -56,6 +57,7 @@ _DECODER_LAYER_TARGET = 'dpjax_decoder_layer'
 _CONV_TARGET = 'dpjax_conv'
 _CONV_BF16_TARGET = 'dpjax_conv_bf16'
 _CONV_KERNEL_GRAD_TARGET = 'dpjax_conv_kernel_grad'
+_CONV_KERNEL_GRAD_BF16_TARGET = 'dpjax_conv_kernel_grad_bf16'
 _MAX_POOL_TARGET = 'dpjax_max_pool'
 _MAX_POOL_GRAD_TARGET = 'dpjax_max_pool_grad'
 _PACK_CONV_KERNEL_TARGET = 'dpjax_pack_conv_kernel'
@@ -133,6 +135,7 @@ def _library() -> Optional[ctypes.CDLL]:
                          (_CONV_TARGET, library.DpjaxConv),
                          (_CONV_BF16_TARGET, library.DpjaxConvBf16),
                          (_CONV_KERNEL_GRAD_TARGET, library.DpjaxConvKernelGrad),
+                         (_CONV_KERNEL_GRAD_BF16_TARGET, library.DpjaxConvKernelGradBf16),
                          (_MAX_POOL_TARGET, library.DpjaxMaxPool),
                          (_MAX_POOL_GRAD_TARGET, library.DpjaxMaxPoolGrad),
                          (_PACK_CONV_KERNEL_TARGET, library.DpjaxPackConvKernel)):
@@ -308,25 +311,26 @@ def decoder_layer(x: jax.Array, shared_kv: jax.Array, batch_kv: jax.Array,
 def _check_conv_operands(where: str, x_padded: jax.Array, kernel_shape: tuple[int, ...],
                          out_shape: tuple[int, ...]) -> None:
   kh, kw, c, c_out = kernel_shape
-  if x_padded.dtype != jnp.float32 or x_padded.ndim != 4 or x_padded.shape[-1] != c or (
-      c_out % PANEL_WIDTH) or min(out_shape) < 1:
-    raise ValueError(f'cpu_kernels.{where}: expected float32 padded x (N, Hp, Wp, {c}) and '
-                     f'C_out a multiple of {PANEL_WIDTH} for kernel {kernel_shape}, got x '
-                     f'{x_padded.dtype} {x_padded.shape} (output {out_shape})')
+  if x_padded.dtype not in _CONV_TARGETS or x_padded.ndim != 4 or x_padded.shape[-1] != c or (
+      c_out % PANEL_WIDTH) or min(out_shape) < 1 or (
+          where == 'conv' and x_padded.dtype == jnp.bfloat16 and c % 2):
+    raise ValueError(f'cpu_kernels.{where}: expected float32 or bfloat16 padded x (N, Hp, Wp, '
+                     f'{c}) and C_out a multiple of {PANEL_WIDTH} for kernel {kernel_shape} (C '
+                     f'even for a bfloat16 conv), got x {x_padded.dtype} {x_padded.shape} '
+                     f'(output {out_shape})')
 
 
 def conv_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
                    dtype: Any) -> bool:
   """Whether conv_ops' 'cpu_kernels' convolution can run x (N, H, W, C) with kernel (KH, KW, C,
-  C_out) in `dtype`. Float32 (`enabled`): forward and both gradients on these kernels, so every
-  product needs a multiple of 32 output channels (C_out; C for a stride-1 input gradient).
-  Bfloat16 (AVX512-BF16): the forward pass, C even and C_out a multiple of 32 (the gradients
-  are XLA's)."""
+  C_out) in `dtype`: the forward pass and kernel gradient on these kernels need a multiple of 32
+  output channels; in float32 (`enabled`) a stride-1 input gradient needs C a multiple of 32
+  too (in bfloat16, where the CPU has AVX512-BF16, conv_ops takes the others from XLA)."""
   c, c_out = kernel_shape[2:]
   if len(x_shape) != 4 or c_out % PANEL_WIDTH:
     return False
   if dtype == jnp.bfloat16:
-    return c % 2 == 0 and _bf16_dense_enabled()
+    return _bf16_dense_enabled()
   return (stride != 1 or c % PANEL_WIDTH == 0) and enabled(dtype)
 
 
@@ -350,55 +354,61 @@ def _pack_conv_kernel(kernel: jax.Array, mirror: bool) -> jax.Array:
   return call(kernel.astype(jnp.float32), mirror=bool(mirror))
 
 
+def _conv_panels(kernel: jax.Array, mirror: bool, dtype: Any) -> jax.Array:
+  """`_pack_conv_kernel`'s panels for a convolution in `dtype`: bfloat16 as k-pairs,
+  (C_out / 32, KH·KW·C / 2, 32, 2)."""
+  if dtype == jnp.float32:
+    return _pack_conv_kernel(kernel, mirror)
+  if mirror:
+    kernel = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  kh, kw, c, c_out = kernel.shape
+  return _bf16_pairs(kernel.astype(jnp.bfloat16).reshape(kh * kw * c, c_out))
+
+
+_CONV_TARGETS = {jnp.dtype(jnp.float32): (_CONV_TARGET, _CONV_KERNEL_GRAD_TARGET),
+                 jnp.dtype(jnp.bfloat16): (_CONV_BF16_TARGET, _CONV_KERNEL_GRAD_BF16_TARGET)}
+
+
 def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int,
          mirror: bool = False) -> jax.Array:
-  """Valid convolution of float32 x_padded (N, Hp, Wp, C) with kernel (KH, KW, C, C_out),
-  C_out a multiple of 32 → (N, Ho, Wo, C_out). `pad`: how many outer rows and columns of
-  x_padded on each side are zeros (taps there are skipped on small maps; 0 is always correct).
+  """Valid convolution of x_padded (N, Hp, Wp, C) with kernel (KH, KW, C, C_out), C_out a
+  multiple of 32 → (N, Ho, Wo, C_out) in x_padded's dtype. `pad`: how many outer rows and
+  columns of x_padded on each side are zeros (taps there are skipped on small maps; 0 is always
+  correct). x_padded float32, or bfloat16 with C even: then the kernel is rounded to bfloat16,
+  the products summed in float32 and the sums rounded to bfloat16, as XLA's bfloat16
+  convolution does.
   mirror: convolve with the kernel mirrored in space and its channel axes swapped instead (given
   as (KH, KW, C_out, C): the input gradient of a stride-1 convolution with it).
-  Needs `enabled(jnp.float32)`."""
+  Needs `conv_supported` for x_padded's dtype."""
   kh, kw, c, c_out = kernel.shape
   kernel_shape = (kh, kw, c_out, c) if mirror else kernel.shape
   out_shape = _conv_output_shape(x_padded.shape, kernel_shape, stride)
   _check_conv_operands('conv', x_padded, kernel_shape, out_shape)
-  call = jax.ffi.ffi_call(_CONV_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+  call = jax.ffi.ffi_call(_CONV_TARGETS[x_padded.dtype][0],
+                          jax.ShapeDtypeStruct(out_shape, x_padded.dtype),
                           vmap_method='sequential')
-  return call(x_padded, _pack_conv_kernel(kernel, mirror), kh=np.int64(kh), kw=np.int64(kw),
-              stride=np.int64(stride), pad=np.int64(pad))
-
-
-def conv_bf16(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-  """`conv` of bfloat16 x_padded (N, Hp, Wp, C), C even, with a (KH, KW, C, C_out) kernel (made
-  bfloat16): bfloat16 products summed in float32 → float32 (N, Ho, Wo, C_out). Needs
-  `conv_supported(..., jnp.bfloat16)`; no autodiff rule."""
-  kh, kw, c, c_out = kernel.shape
-  out_shape = _conv_output_shape(x_padded.shape, kernel.shape, stride)
-  if x_padded.dtype != jnp.bfloat16 or x_padded.ndim != 4 or x_padded.shape[-1] != c or (
-      c % 2 or c_out % PANEL_WIDTH or min(out_shape) < 1):
-    raise ValueError(f'cpu_kernels.conv_bf16: expected bfloat16 padded x (N, Hp, Wp, {c}), C '
-                     f'even and C_out a multiple of {PANEL_WIDTH} for kernel {kernel.shape}, got '
-                     f'x {x_padded.dtype} {x_padded.shape} (output {out_shape})')
-  call = jax.ffi.ffi_call(_CONV_BF16_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                          vmap_method='sequential')
-  panels = _bf16_pairs(kernel.astype(jnp.bfloat16).reshape(kh * kw * c, c_out))
-  return call(x_padded, panels, kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride),
-              pad=np.int64(pad))
+  return call(x_padded, _conv_panels(kernel, mirror, x_padded.dtype), kh=np.int64(kh),
+              kw=np.int64(kw), stride=np.int64(stride), pad=np.int64(pad))
 
 
 def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[int, ...],
                      stride: int, pad: int) -> jax.Array:
   """The gradient of `conv(x_padded, kernel, stride, pad)` with respect to the kernel, for the
-  output gradient `grad` (N, Ho, Wo, C_out) → (KH, KW, C, C_out). Needs `enabled(jnp.float32)`."""
+  output gradient `grad` (N, Ho, Wo, C_out) in x_padded's dtype → float32 (KH, KW, C, C_out)
+  (bfloat16 operands: their products summed in float32). Needs `conv_supported`."""
   out_shape = _conv_output_shape(x_padded.shape, kernel_shape, stride)
   _check_conv_operands('conv_kernel_grad', x_padded, kernel_shape, out_shape)
-  if grad.shape != out_shape or grad.dtype != jnp.float32:
-    raise ValueError(f'cpu_kernels.conv_kernel_grad: expected float32 grad {out_shape}, got '
-                     f'{grad.dtype} {grad.shape}')
-  call = jax.ffi.ffi_call(_CONV_KERNEL_GRAD_TARGET,
-                          jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
-                          vmap_method='sequential')
-  return call(x_padded, grad, stride=np.int64(stride), pad=np.int64(pad))
+  if grad.shape != out_shape or grad.dtype != x_padded.dtype:
+    raise ValueError(f'cpu_kernels.conv_kernel_grad: expected {x_padded.dtype} grad {out_shape}, '
+                     f'got {grad.dtype} {grad.shape}')
+  out_type = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+  if x_padded.dtype == jnp.bfloat16:
+    # Scratch for the kernel's image pairs, as results: XLA reuses their memory every step.
+    pairs = lambda shape: jax.ShapeDtypeStruct(((shape[0] + 1) // 2, *shape[1:]), jnp.uint32)
+    out_type = (out_type, pairs(x_padded.shape), pairs(out_shape))
+  call = jax.ffi.ffi_call(_CONV_TARGETS[x_padded.dtype][1], out_type, vmap_method='sequential')
+  grad_kernel = call(x_padded, grad, stride=np.int64(stride), pad=np.int64(pad))
+  return grad_kernel[0] if x_padded.dtype == jnp.bfloat16 else grad_kernel
 
 
 def _pooled_shape(x_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -64,13 +64,12 @@ class GroupNorm(nn.Module):
 
 
 # On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
-# the C++ kernels run every layer of a training batch fastest, and at batch-1 sampling the
-# first stage (2 images of 19×19: 722 pixels; both cameras' encoders 22-26 → 19 ms); on smaller
-# maps (its deep stages) XLA is faster; in bfloat16 they run the forward pass only. Without
-# them (no compiler), and for bfloat16 gradients: XLA's own kernel
-# gradient is slow for wide, high-resolution layers (stage 1 of the paper-sized ResNet:
-# 19×19×64), so those use patches; tiny maps (the last stage's 3×3) waste 40 % of the products
-# on padding, which pays to skip from a few dozen images on.
+# the C++ kernels run every layer of a training batch fastest, float32 or bfloat16, and at
+# batch-1 sampling the first stage (2 images of 19×19: 722 pixels; both cameras' encoders
+# 22-26 → 19 ms); on smaller maps (its deep stages) XLA is faster. Without them (no compiler):
+# XLA's own kernel gradient is slow for wide, high-resolution layers (stage 1 of the
+# paper-sized ResNet: 19×19×64), so those use patches; tiny maps (the last stage's 3×3) waste
+# 40 % of the products on padding, which pays to skip from a few dozen images on.
 GEMM_KERNEL_GRAD_MIN_CHANNELS = 64
 GEMM_KERNEL_GRAD_MIN_PIXELS = 16 * 16
 TAP_GEMMS_MAX_SIDE = 4
@@ -82,19 +81,12 @@ def conv_method(input_shape: tuple[int, ...], kernel_shape: tuple[int, ...], str
                 dtype: Any, backend: str) -> str:
   """The conv_ops.conv2d method for an (N, H, W, C) input and (k, k, C, C_out) kernel in
   `dtype` on this backend."""
-  n, h, w, _ = input_shape
-  if backend == 'cpu' and n * h * w >= CPU_KERNELS_MIN_PIXELS and cpu_kernels.conv_supported(
-      input_shape, kernel_shape, strides, dtype):
-    return 'cpu_kernels'
-  return gradient_method(input_shape, strides, backend)
-
-
-def gradient_method(input_shape: tuple[int, ...], strides: int, backend: str) -> str:
-  """The conv_ops.conv2d method without the C++ kernels, whose gradients a bfloat16 convolution
-  on the (forward-only) bfloat16 kernel takes."""
   n, h, w, c = input_shape
   if backend != 'cpu':
     return 'xla'
+  if n * h * w >= CPU_KERNELS_MIN_PIXELS and cpu_kernels.conv_supported(
+      input_shape, kernel_shape, strides, dtype):
+    return 'cpu_kernels'
   if strides == 1 and max(h, w) <= TAP_GEMMS_MAX_SIDE and n >= TAP_GEMMS_MIN_IMAGES:
     return 'tap_gemms'
   if c >= GEMM_KERNEL_GRAD_MIN_CHANNELS and h * w >= GEMM_KERNEL_GRAD_MIN_PIXELS:
@@ -114,10 +106,8 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', conv_kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
-    backend = jax.default_backend()
-    method = conv_method(x.shape, kernel.shape, self.strides, self.dtype, backend)
-    return conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, method,
-                           gradient_method(x.shape, self.strides, backend))
+    method = conv_method(x.shape, kernel.shape, self.strides, self.dtype, jax.default_backend())
+    return conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, method)
 
 
 class BasicBlock(nn.Module):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.models import cpu_kernels
+from dpjax.models import conv_ops, cpu_kernels
 
 LAYER_NORM_EPS = 1e-5
 weight_init = nn.initializers.normal(stddev=0.02)
@@ -58,9 +58,18 @@ def mish(x: jax.Array) -> jax.Array:
   return x * jnp.tanh(jax.nn.softplus(x))
 
 
+def _dense_product(inputs: jax.Array, kernel: jax.Array, dimension_numbers: Any,
+                   precision: Any = None) -> jax.Array:
+  """nn.Dense's inputs (..., K) · kernel (K, N), as conv_ops.matmul computes it."""
+  if dimension_numbers != (((inputs.ndim - 1,), (0,)), ((), ())) or precision is not None:
+    raise ValueError(f'transformer._dense_product: expected a Dense product, got dimension '
+                     f'numbers {dimension_numbers} and precision {precision}')
+  return conv_ops.matmul(inputs, kernel)
+
+
 def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, kernel_init=weight_init,
-                  bias_init=nn.initializers.zeros, name=name)
+                  bias_init=nn.initializers.zeros, dot_general=_dense_product, name=name)
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
@@ -89,10 +98,11 @@ class MultiheadAttention(nn.Module):
     kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
     query = query.astype(self.dtype)
     if key_value is None:
-      q, k, v = jnp.split(query @ kernel + bias, 3, axis=-1)
+      q, k, v = jnp.split(conv_ops.matmul(query, kernel) + bias, 3, axis=-1)
     else:
-      q = query @ kernel[:, :e] + bias[:e]
-      k, v = jnp.split(key_value.astype(self.dtype) @ kernel[:, e:] + bias[e:], 2, axis=-1)
+      q = conv_ops.matmul(query, kernel[:, :e]) + bias[:e]
+      k, v = jnp.split(conv_ops.matmul(key_value.astype(self.dtype), kernel[:, e:]) + bias[e:],
+                       2, axis=-1)
     dropout = nn.Dropout(self.dropout_rate, deterministic=False) if train else None
     out = _attend(q, k, v, h, mask, self.dtype, dropout)
     return _dense(e, self.dtype, 'out_proj')(out)
