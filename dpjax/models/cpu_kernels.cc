@@ -142,6 +142,19 @@ constexpr int kMaxRows = 12;
 
 typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
 
+// table[r - 1] = make(r) for r = 1 .. kMaxRows: the kernels' blocks for each row count, chosen
+// at run time for a tail of fewer rows.
+template <typename Fn, typename Make, int... kRows>
+constexpr std::array<Fn, sizeof...(kRows)> BlockTable(Make make,
+                                                      std::integer_sequence<int, kRows...>) {
+  return {make(std::integral_constant<int, kRows + 1>{})...};
+}
+
+template <typename Fn, typename Make>
+constexpr auto BlockTable(Make make) {
+  return BlockTable<Fn>(make, std::make_integer_sequence<int, kMaxRows>{});
+}
+
 // How many k-steps (of 128 bytes) ahead PanelBlock prefetches its panel, and past its end the
 // next panel's start, where the hardware prefetcher would start over: with 10 rows (batch-1
 // sampling) a decoder layer streamed its weights at 21 GB/s without, 25-27 GB/s with
@@ -177,12 +190,7 @@ void PanelBlock(const float* x, const float* panel, float* y, int64_t k_dim, int
 
 using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 
-template <int... kRows>
-constexpr auto MakeBlockTable(std::integer_sequence<int, kRows...>) {
-  return std::array<BlockFn, sizeof...(kRows)>{&PanelBlock<kRows + 1>...};
-}
-// kBlocks[r - 1] handles r rows.
-constexpr auto kBlocks = MakeBlockTable(std::make_integer_sequence<int, kMaxRows>{});
+constexpr auto kBlocks = BlockTable<BlockFn>([](auto rows) { return &PanelBlock<rows>; });
 
 // y = x @ W over W's 32-column panels (`panel_size` elements each), one panel per task, up to
 // kMaxRows rows of x per call of `blocks` (indexed by rows - 1); `depth` is the blocks' K.
@@ -252,11 +260,8 @@ void PanelBlockBf16(const uint16_t* x, const uint16_t* panel, float* y, int64_t 
 using BlockBf16Fn = void (*)(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
                              int64_t);
 
-template <int... kRows>
-constexpr auto MakeBlockBf16Table(std::integer_sequence<int, kRows...>) {
-  return std::array<BlockBf16Fn, sizeof...(kRows)>{&PanelBlockBf16<kRows + 1>...};
-}
-constexpr auto kBlocksBf16 = MakeBlockBf16Table(std::make_integer_sequence<int, kMaxRows>{});
+constexpr auto kBlocksBf16 =
+    BlockTable<BlockBf16Fn>([](auto rows) { return &PanelBlockBf16<rows>; });
 
 ffi::Error PackedDenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                            ffi::Buffer<ffi::BF16> panels, ffi::ResultBuffer<ffi::F32> y) {
@@ -791,11 +796,7 @@ void ConvBlock(const float* const* rows, float* const* outs, const float* panel,
 using ConvBlockFn = void (*)(const float* const*, float* const*, const float*, const Taps&,
                              int64_t, int64_t);
 
-template <int... kRows>
-constexpr auto MakeConvBlockTable(std::integer_sequence<int, kRows...>) {
-  return std::array<ConvBlockFn, sizeof...(kRows)>{&ConvBlock<kRows + 1>...};
-}
-constexpr auto kConvBlocks = MakeConvBlockTable(std::make_integer_sequence<int, kMaxRows>{});
+constexpr auto kConvBlocks = BlockTable<ConvBlockFn>([](auto rows) { return &ConvBlock<rows>; });
 
 #ifdef __AVX512BF16__
 // ConvBlock for bfloat16 x and a (C_out / 32, K / 2, 32, 2) panel (PackedDenseBf16's layout):
@@ -837,12 +838,8 @@ void ConvBlockBf16(const uint16_t* const* rows, uint16_t* const* outs, const uin
 using ConvBlockBf16Fn = void (*)(const uint16_t* const*, uint16_t* const*, const uint16_t*,
                                  const Taps&, int64_t, int64_t);
 
-template <int... kRows>
-constexpr auto MakeConvBlockBf16Table(std::integer_sequence<int, kRows...>) {
-  return std::array<ConvBlockBf16Fn, sizeof...(kRows)>{&ConvBlockBf16<kRows + 1>...};
-}
 constexpr auto kConvBlocksBf16 =
-    MakeConvBlockBf16Table(std::make_integer_sequence<int, kMaxRows>{});
+    BlockTable<ConvBlockBf16Fn>([](auto rows) { return &ConvBlockBf16<rows>; });
 #endif
 
 // Kernel-gradient rows [0, kRows) of `dw` (a 12-float stretch of one kernel row's segment, which
@@ -875,12 +872,8 @@ void KernelGradBlock(const float* segment, const int64_t* x_offsets, const float
 using KernelGradBlockFn = void (*)(const float*, const int64_t*, const float*, const int64_t*,
                                    int64_t, float*, int64_t);
 
-template <int... kRows>
-constexpr auto MakeKernelGradTable(std::integer_sequence<int, kRows...>) {
-  return std::array<KernelGradBlockFn, sizeof...(kRows)>{&KernelGradBlock<kRows + 1>...};
-}
 constexpr auto kKernelGradBlocks =
-    MakeKernelGradTable(std::make_integer_sequence<int, kMaxRows>{});
+    BlockTable<KernelGradBlockFn>([](auto rows) { return &KernelGradBlock<rows>; });
 
 #ifdef __AVX512BF16__
 // KernelGradBlock for bfloat16 operands in image pairs (PairImages): each uint32_t of `segment`
@@ -914,12 +907,8 @@ void KernelGradBlockBf16(const uint32_t* segment, const int64_t* x_offsets, cons
 using KernelGradBlockBf16Fn = void (*)(const uint32_t*, const int64_t*, const uint32_t*,
                                        const int64_t*, int64_t, float*, int64_t);
 
-template <int... kRows>
-constexpr auto MakeKernelGradBf16Table(std::integer_sequence<int, kRows...>) {
-  return std::array<KernelGradBlockBf16Fn, sizeof...(kRows)>{&KernelGradBlockBf16<kRows + 1>...};
-}
 constexpr auto kKernelGradBlocksBf16 =
-    MakeKernelGradBf16Table(std::make_integer_sequence<int, kMaxRows>{});
+    BlockTable<KernelGradBlockBf16Fn>([](auto rows) { return &KernelGradBlockBf16<rows>; });
 #endif
 
 constexpr int64_t kConvPixelsPerTask = 96;
