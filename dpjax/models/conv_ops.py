@@ -125,34 +125,44 @@ def _conv_cpu_kernels(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array
   return _cpu_kernels_forward(x, kernel, stride)[0]
 
 
+def _kernel_operands(x_padded: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x_padded and kernel as the C++ kernels take them: output channels in whole panels of 32
+  (zero columns added, e.g. the cpu variant's 16) and, in bfloat16, input channels in pairs
+  (a zero channel added to an odd C, e.g. the stem's RGB)."""
+  c, c_out = kernel.shape[2:]
+  extra_c = c % 2 if x_padded.dtype == jnp.bfloat16 else 0
+  x_padded = jnp.pad(x_padded, ((0, 0),) * 3 + ((0, extra_c),))
+  kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra_c), (0, -c_out % cpu_kernels.PANEL_WIDTH)))
+  return x_padded, kernel
+
+
 def _cpu_kernels_forward(x, kernel, stride):
   k = kernel.shape[0]
   x_padded = _pad_same(x, k)
-  channels = x.shape[-1]
-  if x.dtype == jnp.bfloat16 and channels % 2:
-    # The bfloat16 kernel takes channels in pairs: one zero channel more (the stem's RGB).
-    x_padded = jnp.pad(x_padded, ((0, 0),) * 3 + ((0, 1),))
-    kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, 1), (0, 0)))
-  return cpu_kernels.conv(x_padded, kernel, stride, k // 2), (x_padded, kernel, channels)
+  y = cpu_kernels.conv(*_kernel_operands(x_padded, kernel), stride, k // 2)
+  return y[..., :kernel.shape[-1]], (x_padded, kernel)
 
 
 def _cpu_kernels_backward(stride, residuals, grad):
-  x_padded, kernel, channels = residuals
+  x_padded, kernel = residuals
   k = kernel.shape[0]
+  c, c_out = kernel.shape[2:]
   pad = k // 2
-  grad_kernel = cpu_kernels.conv_kernel_grad(x_padded, grad, kernel.shape, stride, pad)
-  n, hp, wp, _ = x_padded.shape
-  if stride == 1 and channels % cpu_kernels.PANEL_WIDTH == 0:
+  x_operand, kernel_operand = _kernel_operands(x_padded, kernel)
+  grad_operand = jnp.pad(grad, ((0, 0),) * 3 + ((0, kernel_operand.shape[-1] - c_out),))
+  grad_kernel = cpu_kernels.conv_kernel_grad(x_operand, grad_operand, kernel_operand.shape,
+                                             stride, pad)[:, :, :c, :c_out]
+  if stride == 1 and c % cpu_kernels.PANEL_WIDTH == 0:
     # A stride-1 convolution's input gradient is the convolution of the padded output gradient
     # with the kernel mirrored in space and transposed in channels.
-    grad_x = cpu_kernels.conv(_pad_same(grad, k), kernel, 1, pad, mirror=True)
+    grad_x = cpu_kernels.conv(_pad_same(grad_operand, k), kernel_operand, 1, pad, mirror=True)
   else:
     # Strided (or narrow) input gradients are XLA's, in float32 also for bfloat16: XLA:CPU's
     # bfloat16 convolutions are slower.
-    x = jax.ShapeDtypeStruct((n, hp - 2 * pad, wp - 2 * pad, channels), jnp.float32)
-    grad_x = _xla_input_grad(x, kernel[:, :, :channels].astype(jnp.float32), stride,
-                             grad.astype(jnp.float32))
-  return grad_x.astype(grad.dtype), grad_kernel[:, :, :channels].astype(kernel.dtype)
+    n, hp, wp, _ = x_padded.shape
+    x = jax.ShapeDtypeStruct((n, hp - 2 * pad, wp - 2 * pad, c), jnp.float32)
+    grad_x = _xla_input_grad(x, kernel.astype(jnp.float32), stride, grad.astype(jnp.float32))
+  return grad_x.astype(grad.dtype), grad_kernel.astype(kernel.dtype)
 
 
 _conv_cpu_kernels.defvjp(_cpu_kernels_forward, _cpu_kernels_backward)
@@ -190,7 +200,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') ->
 
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x (..., K) @ kernel (K, N), one dtype for both. In bfloat16 where the conv kernels run it
-  (`cpu_kernels.conv_supported`: N a multiple of 32, AVX512-BF16), as their 1×1 convolution
+  (`cpu_kernels.conv_supported`: N a multiple of 16, AVX512-BF16), as their 1×1 convolution
   over the rows of x, gradients included: XLA:CPU's bfloat16 dots ran the transformer's
   training matmuls at 70-130 GFLOP/s (docs/performance.md)."""
   k, n = kernel.shape

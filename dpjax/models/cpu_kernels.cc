@@ -1103,12 +1103,13 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
-// `values` (N, rest) bfloat16 → `out` (ceil(N / 2), rest) image pairs: out[i][j] holds
-// values[2i][j] in its low and values[2i + 1][j] in its high 16 bits (zero past an odd N's last
-// image).
-void PairImages(ffi::ThreadPool& pool, const uint16_t* values, int64_t n, int64_t rest,
-                uint32_t* out_data) {
+// `values` (N, rest) bfloat16 → (ceil(N / 2), rest) image pairs: out[i][j] holds values[2i][j]
+// in its low and values[2i + 1][j] in its high 16 bits (zero past an odd N's last image).
+std::unique_ptr<uint32_t[]> PairImages(ffi::ThreadPool& pool, const uint16_t* values, int64_t n,
+                                       int64_t rest) {
   const int64_t pairs = (n + 1) / 2;
+  std::unique_ptr<uint32_t[]> out(new uint32_t[pairs * rest]);
+  uint32_t* out_data = out.get();
   ParallelFor(pool, pairs, [=](int64_t pair) {
     const uint16_t* first = values + 2 * pair * rest;
     const uint16_t* second = first + rest;
@@ -1121,19 +1122,16 @@ void PairImages(ffi::ThreadPool& pool, const uint16_t* values, int64_t n, int64_
       to[j] = static_cast<uint32_t>(first[j]) | static_cast<uint32_t>(second[j]) << 16;
     }
   });
+  return out;
 }
 
 // DpjaxConvKernelGradBf16: ConvKernelGrad of bfloat16 x and dy with float32 sums. vdpbf16ps
 // sums over pairs of the reduced axis, here pixels; the pairs are two images' same pixel, so
-// that the x and dy of both sit side by side after one interleaving pass (into x_pairs and
-// dy_pairs, results only as scratch space: XLA reuses its buffers, where fresh allocations
-// made a bfloat16 training step fault in ~150 MB) and the pixel arithmetic is
-// ConvKernelGrad's over ceil(N / 2) "images".
+// that the x and dy of both sit side by side after one interleaving pass and the pixel
+// arithmetic is ConvKernelGrad's over ceil(N / 2) "images".
 ffi::Error ConvKernelGradBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                               ffi::Buffer<ffi::BF16> dy, ffi::ResultBuffer<ffi::F32> dw,
-                              ffi::ResultBuffer<ffi::U32> x_pairs,
-                              ffi::ResultBuffer<ffi::U32> dy_pairs, int64_t stride,
-                              int64_t pad) {
+                              int64_t stride, int64_t pad) {
 #ifdef __AVX512BF16__
   ConvGeometry g;
   if (auto error = KernelGradGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), stride,
@@ -1142,19 +1140,13 @@ ffi::Error ConvKernelGradBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
     return error;
   }
   const int64_t n = g.n, n_dim = dw->dimensions()[3];
-  if (x_pairs->element_count() != (n + 1) / 2 * g.hp * g.wp * g.c ||
-      dy_pairs->element_count() != (n + 1) / 2 * g.ho * g.wo * n_dim) {
-    return ffi::Error::InvalidArgument(
-        "cpu_kernels conv_kernel_grad (bfloat16): expected scratch results of ceil(N / 2) x "
-        "Hp x Wp x C and ceil(N / 2) x Ho x Wo x C_out");
-  }
-  PairImages(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), n, g.hp * g.wp * g.c,
-             x_pairs->typed_data());
-  PairImages(pool, reinterpret_cast<const uint16_t*>(dy.typed_data()), n, g.ho * g.wo * n_dim,
-             dy_pairs->typed_data());
+  const auto x_pairs = PairImages(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), n,
+                                  g.hp * g.wp * g.c);
+  const auto dy_pairs = PairImages(pool, reinterpret_cast<const uint16_t*>(dy.typed_data()), n,
+                                   g.ho * g.wo * n_dim);
   g.n = (n + 1) / 2;
-  KernelGradOverPanels(pool, kKernelGradBlocksBf16, g, x_pairs->typed_data(),
-                       dy_pairs->typed_data(), dw->typed_data(), n_dim);
+  KernelGradOverPanels(pool, kKernelGradBlocksBf16, g, x_pairs.get(), dy_pairs.get(),
+                       dw->typed_data(), n_dim);
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
@@ -1394,8 +1386,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGradBf16, ConvKernelGradBf16,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad"));
 

@@ -323,15 +323,16 @@ def _check_conv_operands(where: str, x_padded: jax.Array, kernel_shape: tuple[in
 def conv_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
                    dtype: Any) -> bool:
   """Whether conv_ops' 'cpu_kernels' convolution can run x (N, H, W, C) with kernel (KH, KW, C,
-  C_out) in `dtype`: the forward pass and kernel gradient on these kernels need a multiple of 32
-  output channels; in float32 (`enabled`) a stride-1 input gradient needs C a multiple of 32
-  too (in bfloat16, where the CPU has AVX512-BF16, conv_ops takes the others from XLA)."""
-  c, c_out = kernel_shape[2:]
-  if len(x_shape) != 4 or c_out % PANEL_WIDTH:
+  C_out) in `dtype` (float32 where `enabled`, bfloat16 where the CPU has AVX512-BF16): C_out a
+  multiple of 16, since conv_ops fills up the kernels' panels of 32 output channels with zeros
+  (narrower layers would waste most of the products); input gradients of strided convolutions or
+  of C not a multiple of 32 come from XLA."""
+  c_out = kernel_shape[-1]
+  if len(x_shape) != 4 or c_out % (PANEL_WIDTH // 2):
     return False
   if dtype == jnp.bfloat16:
     return _bf16_dense_enabled()
-  return (stride != 1 or c % PANEL_WIDTH == 0) and enabled(dtype)
+  return enabled(dtype)
 
 
 def _conv_output_shape(x_padded_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
@@ -401,14 +402,10 @@ def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[i
   if grad.shape != out_shape or grad.dtype != x_padded.dtype:
     raise ValueError(f'cpu_kernels.conv_kernel_grad: expected {x_padded.dtype} grad {out_shape}, '
                      f'got {grad.dtype} {grad.shape}')
-  out_type = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
-  if x_padded.dtype == jnp.bfloat16:
-    # Scratch for the kernel's image pairs, as results: XLA reuses their memory every step.
-    pairs = lambda shape: jax.ShapeDtypeStruct(((shape[0] + 1) // 2, *shape[1:]), jnp.uint32)
-    out_type = (out_type, pairs(x_padded.shape), pairs(out_shape))
-  call = jax.ffi.ffi_call(_CONV_TARGETS[x_padded.dtype][1], out_type, vmap_method='sequential')
-  grad_kernel = call(x_padded, grad, stride=np.int64(stride), pad=np.int64(pad))
-  return grad_kernel[0] if x_padded.dtype == jnp.bfloat16 else grad_kernel
+  call = jax.ffi.ffi_call(_CONV_TARGETS[x_padded.dtype][1],
+                          jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+                          vmap_method='sequential')
+  return call(x_padded, grad, stride=np.int64(stride), pad=np.int64(pad))
 
 
 def _pooled_shape(x_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
