@@ -1349,45 +1349,42 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxDecoderLayer, DecoderLayer,
                                   .Attr<int64_t>("num_heads")
                                   .Attr<float>("epsilon"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConv, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+namespace {
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvBf16, ConvForwardBf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+// The operands of a conv forward call (x, panels → y) in T: float32, or bfloat16 throughout.
+template <ffi::DataType T>
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<T>>()
+      .template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("stride")
+      .template Attr<int64_t>("pad");
+}
 
+// The operands of a kernel-gradient call (x, dy in T → float32 dw).
+template <ffi::DataType T>
+auto KernelGradBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Attr<int64_t>("stride")
+      .template Attr<int64_t>("pad");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConv, ConvForward, ConvBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvBf16, ConvForwardBf16, ConvBinding<ffi::BF16>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGrad, ConvKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
-
+                              KernelGradBinding<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxConvKernelGradBf16, ConvKernelGradBf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+                              KernelGradBinding<ffi::BF16>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxMaxPool, MaxPool,
                               ffi::Ffi::Bind()
