@@ -73,8 +73,8 @@ def _compiled_stats(compiled) -> dict[str, Any]:
 
 def _count_kernel_flops(stats: dict[str, Any], jitted, args: tuple, median_s: float) -> None:
   """Where the CPU kernels run, XLA's cost analysis of the compiled program misses their FLOPs:
-  count those of the same computation traced with XLA ops, and keep the compiled program's own
-  count as `xla_program_flops`."""
+  count those of the same computation traced with XLA ops (from `args`, which hold no operands
+  packed for the kernels), and keep the compiled program's own count as `xla_program_flops`."""
   if not cpu_kernels.enabled(jnp.float32):
     return
   with cpu_kernels.disabled():
@@ -85,8 +85,11 @@ def _count_kernel_flops(stats: dict[str, Any], jitted, args: tuple, median_s: fl
   stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
 
 
-def _timed_program(jitted, args: tuple, repeats: int) -> dict[str, Any]:
-  """Compile time, then the median run time, FLOPs and achieved FLOP/s of `jitted(*args)`."""
+def _timed_program(jitted, args: tuple, repeats: int,
+                   flops_args: tuple | None = None) -> dict[str, Any]:
+  """Compile time, then the median run time, FLOPs and achieved FLOP/s of `jitted(*args)`;
+  `flops_args`: the same computation's arguments before packing for the kernels, if `args`
+  hold packed operands."""
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - start
@@ -94,7 +97,7 @@ def _timed_program(jitted, args: tuple, repeats: int) -> dict[str, Any]:
   median_s, times = _median_time(lambda: compiled(*args), repeats)
   stats = _compiled_stats(compiled)
   stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
-  _count_kernel_flops(stats, jitted, args, median_s)
+  _count_kernel_flops(stats, jitted, flops_args or args, median_s)
   return dict(stats, compile_s=compile_s, median_s=median_s, times_s=times)
 
 
@@ -146,7 +149,9 @@ def _denoise_step_flops(policy: DiffusionPolicy, variables, batch: int) -> float
 
 
 def bench_predict(args) -> dict[str, Any]:
-  """`predict_action` latency (encoders included) per batch size and sampler.
+  """`predict_action` latency (encoders included) per batch size and sampler, from the
+  policy's `sampling_variables` (built once per sampler, timed with its compilation as
+  `sampling_variables_s`), as evaluation rollouts call it.
 
   XLA's cost analysis counts a loop body once, so the FLOPs of a call are the program's count
   (traced with XLA ops where the CPU kernels run: see `_count_kernel_flops`) plus
@@ -158,24 +163,30 @@ def bench_predict(args) -> dict[str, Any]:
   normalizer = _synthetic_normalizer(shape_meta)
   samplers = (('ddpm', 4), ('ddim', 2)) if args.quick else (('ddpm', 100), ('ddim', 16))
   batches = (1, 2) if args.quick else (1, 28)
-  results = {}
+  results, sampling_variables_s = {}, {}
   for sampler, steps in samplers:
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.diffusion.sampler = sampler
     cfg.diffusion.num_inference_steps = steps
     policy = DiffusionPolicy(cfg, shape_meta, normalizer)
     variables = policy.init(jax.random.key(0))
+    start = time.perf_counter()
+    sampling_variables = jax.block_until_ready(policy.sampling_variables(variables))
+    sampling_variables_s[f'{sampler}{steps}'] = time.perf_counter() - start
     jitted = policy.predict_action_jit
     for batch in batches:
       obs = jax.device_put(_synthetic_obs(shape_meta, batch, int(cfg.task.n_obs_steps)))
-      timing = _timed_program(jitted, (variables, obs, jax.random.key(1)), args.repeats)
+      key = jax.random.key(1)
+      timing = _timed_program(jitted, (sampling_variables, obs, key), args.repeats,
+                              flops_args=(variables, obs, key))
       if timing['flops']:
         timing.setdefault('xla_program_flops', timing['flops'])
         timing['flops'] += (steps - 1) * _denoise_step_flops(policy, variables, batch)
         timing['flops_per_s'] = timing['flops'] / timing['median_s']
       results[f'{sampler}{steps}_batch{batch}'] = dict(
           timing, sampler=sampler, num_inference_steps=steps, batch_size=batch)
-  return {'config': config.name, 'results': results}
+  return {'config': config.name, 'results': results,
+          'sampling_variables_s': sampling_variables_s}
 
 
 def bench_train(args) -> dict[str, Any]:

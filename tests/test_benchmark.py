@@ -34,6 +34,8 @@ def test_quick_benchmark_reports_every_field(tmp_path):
     assert result['median_s'] > 0 and result['compile_s'] > 0, name
     assert result['flops'] > 0 and result['flops_per_s'] > 0, name
     assert result['temp_bytes'] is not None, name
+  assert set(report['predict']['sampling_variables_s']) == {'ddpm4', 'ddim2'}
+  assert min(report['predict']['sampling_variables_s'].values()) > 0
 
   train = report['train']['results']
   assert train, 'no training-step figure'

@@ -329,6 +329,10 @@ def test_conv2d_cpu_kernels_matches_xla_forward_and_gradients(x_shape, kernel_sh
   assert cpu_kernels._CONV_KERNEL_GRAD_TARGET in jaxpr
   scale = lambda a: float(jnp.max(jnp.abs(a)))
   np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5 * scale(outputs[1]))
+  # Packed ahead (sampling): the same kernel on the same panels.
+  packed = conv_ops.packed_kernel(kernel, jnp.float32)
+  np.testing.assert_array_equal(conv_ops.conv2d_packed(x, packed, kernel_shape, stride),
+                                outputs[0])
   for ours, xla in zip(*grads):
     np.testing.assert_allclose(ours, xla, atol=1e-5 * scale(xla))
 
@@ -374,10 +378,13 @@ def test_bfloat16_conv_and_gradients_sum_exact_products(x_shape, kernel_shape, s
   conv = jax.jit(lambda x, kernel: conv_ops.conv2d(x, kernel, stride, 'cpu_kernels'))
   y, vjp = jax.vjp(conv, x, kernel)
   grads = vjp(cotangent)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  packed = conv_ops.packed_kernel(f32(kernel), jnp.bfloat16)
+  np.testing.assert_array_equal(f32(conv_ops.conv2d_packed(x, packed, kernel_shape, stride)),
+                                f32(y))
   jaxpr = str(jax.make_jaxpr(vjp)(cotangent))
   assert cpu_kernels._CONV_KERNEL_GRAD_BF16_TARGET in jaxpr
   # The same bfloat16 numbers in float32 (XLA), rounded to bfloat16 once.
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
   y32, vjp32 = jax.vjp(lambda x, kernel: conv_ops.conv2d(x, kernel, stride), f32(x), f32(kernel))
   for ours, reference in zip((y, *grads), (y32, *vjp32(f32(cotangent)))):
     assert ours.dtype == jnp.bfloat16 and ours.shape == reference.shape
@@ -424,6 +431,11 @@ def test_conv_refuses_what_it_cannot_run():
   with pytest.raises(ValueError, match=r"'cpu_kernels' cannot run x float32 \(2, 9, 9, 64\) "
                                        r'with kernel \(3, 3, 64, 40\)'):
     conv_ops.conv2d(jnp.ones((2, 9, 9, 64)), jnp.ones((3, 3, 64, 40)), 1, 'cpu_kernels')
+  with pytest.raises(ValueError, match=r'panels float32 \(2, 576, 32\) are not those of kernel '
+                                       r'\(3, 3, 64, 32\) for float32 \(expected float32 '
+                                       r'\(1, 576, 32\)\)'):
+    cpu_kernels.conv(jnp.ones((1, 5, 5, 64)), jnp.ones((3, 3, 64, 32)), 1, 1,
+                     panels=jnp.ones((2, 576, 32)))
   with pytest.raises(ValueError, match=r'C_out a multiple of 32 for kernel \(3, 3, 8, 16\)'):
     cpu_kernels.conv(jnp.ones((1, 5, 5, 8)), jnp.ones((3, 3, 8, 16)), 1, 1)
   with pytest.raises(ValueError, match=r'expected float32 grad \(1, 3, 3, 32\)'):

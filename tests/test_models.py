@@ -716,11 +716,12 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, cpu_kernels,
       cond_dim=5 if obs_as_cond else 0, obs_as_cond=obs_as_cond, causal_attn=causal_attn)
   timesteps = jnp.array([99, 57, 3, 0])
   apply = _jit_apply(model)
-  cache = transformer_lib.decoding_cache(model, params['params'], timesteps, cond)
-  assert cache.layers[0].ffn_in.kernel.ndim == (3 if cpu_kernels else 2)
+  constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
+  obs_kv = transformer_lib.observation_kv(model, params['params'], constants, cond)
+  assert constants.layers[0].ffn_in.kernel.ndim == (3 if cpu_kernels else 2)
   for step, t in enumerate(timesteps):
     expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
-    got = transformer_lib.cached_denoise(model, params['params'], cache, sample,
+    got = transformer_lib.cached_denoise(model, params['params'], constants, obs_kv, sample,
                                          jnp.int32(step))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -737,14 +738,16 @@ def test_cached_denoise_in_bfloat16_follows_the_module(cpu_kernels, monkeypatch)
   for dtype in (jnp.float32, jnp.bfloat16):
     model, params, (sample, _, cond) = _small_transformer_with_params(cond_dim=5, dtype=dtype)
     timesteps = jnp.array([99, 3])
-    cache = transformer_lib.decoding_cache(model, params['params'], timesteps, cond)
+    constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
+    obs_kv = transformer_lib.observation_kv(model, params['params'], constants, cond)
     outputs[dtype] = [
         (_jit_apply(model)(params, sample, jnp.full((sample.shape[0],), t), cond, train=False),
-         transformer_lib.cached_denoise(model, params['params'], cache, sample, jnp.int32(step)))
+         transformer_lib.cached_denoise(model, params['params'], constants, obs_kv, sample,
+                                        jnp.int32(step)))
         for step, t in enumerate(timesteps)]
   # pylint: disable-next=protected-access
   uses_bf16_kernel = cpu_kernels and cpu_kernels_lib._bf16_dense_enabled()
-  assert cache.layers[0].ffn_in.kernel.ndim == (4 if uses_bf16_kernel else 2)
+  assert constants.layers[0].ffn_in.kernel.ndim == (4 if uses_bf16_kernel else 2)
   for (module_f32, _), (module_bf16, cached_bf16) in zip(*outputs.values()):
     assert cached_bf16.dtype == jnp.float32
     np.testing.assert_allclose(cached_bf16, module_bf16, atol=0.05)

@@ -11,7 +11,8 @@ import pytest
 from configs import lift
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
-from dpjax.diffusion.policy import DiffusionPolicy
+from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
+from dpjax.models import cpu_kernels, resnet
 from dpjax.models.obs_encoder import output_dim
 
 IMAGE_SIZE, CROP = 32, (28, 28)
@@ -99,6 +100,56 @@ def test_predict_action_rejects_short_history():
   obs = _batch(policy.shape_meta, np.random.default_rng(1), n_obs_steps=1)['obs']
   with pytest.raises(ValueError, match='agentview_image.*expected'):
     policy.predict_action(variables, obs, jax.random.key(0))
+
+
+@pytest.mark.parametrize('compute_dtype', ['float32', 'bfloat16'])
+def test_sampling_variables_give_the_same_features_and_actions(compute_dtype):
+  """Packing the kernels and tabling the timesteps once moves work out of the call, not the
+  results: the same encoder features (float summation order aside: the packed convolutions run
+  on the C++ kernels where their plain twins, on these small maps, run XLA's) and actions.
+  64×64 images cropped to 60×60 end in 2×2 maps (on a 1×1 map SpatialSoftmax's keypoints
+  would not depend on the image)."""
+  config = _config(p_drop_attn=0.0, compute_dtype=compute_dtype)
+  config.task.shape_meta = lift._shape_meta(64)
+  config.task.shape_meta.obs = tuple(e for e in config.task.shape_meta.obs
+                                     if e[0] != 'robot0_eye_in_hand_image')
+  config.model.crop_shape = (60, 60)
+  policy = _make_policy(config)
+  variables = policy.init(jax.random.key(0))
+  sampling_variables = policy.sampling_variables(variables)
+  packed = sampling_variables.get(resnet.PACKED_KERNELS, {})
+  # Width 8: the 16-, 32- and 64-channel layers (stages 2-4) run on the kernels.
+  on_kernels = cpu_kernels.conv_supported((1, 1, 1, 8), (3, 3, 8, 16), 1,
+                                          jnp.dtype(compute_dtype))
+  backbone = packed.get('obs_encoder', {}).get('agentview_image', {}).get('backbone', {})
+  assert sorted(backbone) == (['layer2_0', 'layer2_1', 'layer3_0', 'layer3_1', 'layer4_0',
+                               'layer4_1'] if on_kernels else [])
+
+  rng = np.random.default_rng(1)
+  obs = {s.key: rng.uniform(-1, 1, (BATCH,) + s.shape).astype(np.float32)
+         for s in policy.shape_meta.obs}
+  encode = jax.jit(lambda v: policy.network.apply(v, obs, False, method=PolicyNetwork.encode))
+  expected = encode(variables)
+  got = encode({'params': variables['params'], resnet.PACKED_KERNELS: packed})
+  rtol = 1e-5 if compute_dtype == 'float32' else 2**-7
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                             rtol=rtol, atol=rtol * float(jnp.abs(expected).max()))
+
+  raw_obs = _batch(policy.shape_meta, np.random.default_rng(2))['obs']
+  expected = policy.predict_action(variables, raw_obs, jax.random.key(5))['action_pred']
+  got = policy.predict_action(sampling_variables, raw_obs, jax.random.key(5))['action_pred']
+  np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+
+
+def test_sampling_variables_belong_to_their_sampler():
+  policy, variables = _base_policy()
+  config = _config(p_drop_attn=0.0)
+  config.diffusion.sampler, config.diffusion.num_inference_steps = 'ddim', 10
+  ddim = _make_policy(config)
+  obs = _batch(policy.shape_meta, np.random.default_rng(1))['obs']
+  with pytest.raises(ValueError, match=r"'decoder_constants'\] are for 100 sampling steps, this "
+                                       'policy takes 10'):
+    ddim.predict_action(policy.sampling_variables(variables), obs, jax.random.key(0))
 
 
 @pytest.mark.parametrize('overrides', [dict(obs_as_cond=False),

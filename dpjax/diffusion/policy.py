@@ -35,10 +35,12 @@ from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion import ddpm, sampling
 from dpjax.diffusion.schedules import make_noise_schedule
 from dpjax.models.obs_encoder import ObservationEncoder, output_dim
-from dpjax.models import transformer
+from dpjax.models import resnet, transformer
 from dpjax.models.transformer import TransformerForDiffusion
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+# The `sampling_variables` entry holding the decoder's `transformer.DecoderConstants`.
+DECODER_CONSTANTS = 'decoder_constants'
 
 
 class PolicyNetwork(nn.Module):
@@ -124,11 +126,12 @@ class DiffusionPolicy:
     else:
       self.step_kwargs['eta'] = float(diffusion.ddim_eta)
     # Fails now, not at the first call, on a bad sampler or step count.
-    sampling.inference_timesteps(self.sampler, self.schedule.num_train_timesteps,
-                                 self.num_inference_steps)
+    self._timesteps, _ = sampling.inference_timesteps(
+        self.sampler, self.schedule.num_train_timesteps, self.num_inference_steps)
     # The compiled program behind `predict_action` (public for `.lower()` in benchmarks); it
     # takes exactly the shape_meta observation keys.
     self.predict_action_jit = jax.jit(self._predict_action)
+    self._sampling_variables_jit = jax.jit(self._sampling_variables)
 
   def _check_config(self, model, diffusion) -> None:
     if model.compute_dtype not in COMPUTE_DTYPES:
@@ -191,7 +194,9 @@ class DiffusionPolicy:
       x = self.normalizer.normalize(spec.key, x[:, :to])
       flat[spec.key] = x.reshape((batch_size * to,) + x.shape[2:])
     rngs = {'crop': rng} if rng is not None else {}
-    features = self.network.apply(variables, flat, train, rngs=rngs,
+    encoder_variables = {name: variables[name] for name in ('params', resnet.PACKED_KERNELS)
+                         if name in variables}
+    features = self.network.apply(encoder_variables, flat, train, rngs=rngs,
                                   method=PolicyNetwork.encode)
     return features.reshape(batch_size, to, -1)
 
@@ -259,7 +264,8 @@ class DiffusionPolicy:
     Encodes the observations once, then runs the whole reverse process as one `lax.scan`.
 
     Args:
-      variables: policy variables (the EMA parameters at evaluation).
+      variables: policy variables (the EMA parameters at evaluation), or their
+        `sampling_variables` for repeated calls.
       obs: raw {key: (B, ≥To, ...)}: uint8 images of any size ≥ crop_shape (centre-cropped),
         low-dim floats; extra keys are ignored and only the first To frames are used.
       rng: key of the reverse process.
@@ -271,6 +277,30 @@ class DiffusionPolicy:
     """
     obs = {spec.key: obs[spec.key] for spec in self.shape_meta.obs if spec.key in obs}
     return self.predict_action_jit(variables, obs, rng)
+
+  def sampling_variables(self, variables) -> dict:
+    """`variables` with what `predict_action` derives from the parameters alone, computed once.
+
+    Adds the encoders' convolution kernels packed for the CPU kernels (`resnet.PACKED_KERNELS`,
+    where they run) and the decoder's packed weights and timestep table
+    (`transformer.DecoderConstants`, for this policy's sampler). Passing the result to
+    `predict_action` instead of `variables` gives the same actions (up to float summation
+    order) without that work per call: for repeated sampling with fixed parameters
+    (evaluation rollouts). It is for this policy's sampler settings only, and not for training.
+    """
+    return self._sampling_variables_jit(variables)
+
+  def _sampling_variables(self, variables) -> dict:
+    obs = {s.key: jnp.zeros((self.n_obs_steps,) + s.shape, jnp.float32)
+           for s in self.shape_meta.obs}
+    _, packed = self.network.apply({'params': variables['params']}, obs, False,
+                                   method=PolicyNetwork.encode, mutable=[resnet.PACKED_KERNELS])
+    result = {'params': variables['params'], **packed}
+    noise_model = self.network.noise_model
+    if transformer.supports_cached_denoise(noise_model):
+      result[DECODER_CONSTANTS] = transformer.decoder_constants(
+          noise_model, variables['params']['noise_model'], self._timesteps)
+    return result
 
   def _predict_action(self, variables, obs: Mapping[str, jax.Array],
                       rng: jax.Array) -> dict[str, jax.Array]:
@@ -285,23 +315,31 @@ class DiffusionPolicy:
       condition_mask = jnp.broadcast_to(condition_mask, shape)
 
     noise_model = self.network.noise_model
-    if transformer.supports_decoding_cache(noise_model):
+    if transformer.supports_cached_denoise(noise_model):
       # Condition memory, its cross-attention keys/values and the time embeddings are the same
-      # at every step: computed once here, the loop body is only the decoder stack.
-      timesteps, _ = sampling.inference_timesteps(
-          self.sampler, self.schedule.num_train_timesteps, self.num_inference_steps)
+      # at every step: computed once here (or ahead, by `sampling_variables`), the loop body
+      # is only the decoder stack.
       params = variables['params']['noise_model']
-      cache = transformer.decoding_cache(noise_model, params, timesteps, cond)
+      constants = variables.get(DECODER_CONSTANTS)
+      if constants is None:
+        constants = transformer.decoder_constants(noise_model, params, self._timesteps)
+      elif constants.time_kv.shape[0] != len(self._timesteps):
+        raise ValueError(
+            f'DiffusionPolicy.predict_action: variables[{DECODER_CONSTANTS!r}] are for '
+            f'{constants.time_kv.shape[0]} sampling steps, this policy takes '
+            f'{len(self._timesteps)}; make them with this policy\'s sampling_variables')
+      obs_kv = transformer.observation_kv(noise_model, params, constants, cond)
       step_of = np.zeros(self.schedule.num_train_timesteps, np.int32)
-      step_of[timesteps] = np.arange(len(timesteps))
+      step_of[self._timesteps] = np.arange(len(self._timesteps))
 
       def denoise(x, t):
-        return transformer.cached_denoise(noise_model, params, cache, x, jnp.asarray(step_of)[t])
+        return transformer.cached_denoise(noise_model, params, constants, obs_kv, x,
+                                          jnp.asarray(step_of)[t])
     else:
 
       def denoise(x, t):
         timesteps = jnp.broadcast_to(t, (batch_size,))
-        return self.network.apply(variables, x, timesteps, cond, False,
+        return self.network.apply({'params': variables['params']}, x, timesteps, cond, False,
                                   method=PolicyNetwork.denoise)
 
     nsample = sampling.sample(denoise, self.schedule, shape=shape, rng=rng,

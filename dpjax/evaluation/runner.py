@@ -108,7 +108,8 @@ class DiffusionPolicyFn:
 
   `predict_action` is one jitted program, cached on the policy object: it compiles at the first
   call and, since the runner keeps the batch shape and dtypes fixed, never again (also across
-  the trainer's repeated rollouts with the same policy).
+  the trainer's repeated rollouts with the same policy). The variables' parameter-only work
+  (packed kernels, timestep table) is done once here (`sampling_variables`), not every call.
   """
 
   def __init__(self, policy, variables):
@@ -116,7 +117,7 @@ class DiffusionPolicyFn:
     self.n_action_steps = policy.n_action_steps
     self.obs_keys = policy.shape_meta.keys
     self._policy = policy
-    self._variables = variables
+    self._variables = policy.sampling_variables(variables)
 
   def __call__(self, obs: dict[str, np.ndarray], rng: jax.Array) -> np.ndarray:
     return np.asarray(self._policy.predict_action(self._variables, obs, rng)['action'])

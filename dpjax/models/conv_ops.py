@@ -125,21 +125,27 @@ def _conv_cpu_kernels(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array
   return _cpu_kernels_forward(x, kernel, stride)[0]
 
 
-def _kernel_operands(x_padded: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x_padded and kernel as the C++ kernels take them: output channels in whole panels of 32
-  (zero columns added, e.g. the cpu variant's 16) and, in bfloat16, input channels in pairs
-  (a zero channel added to an odd C, e.g. the stem's RGB)."""
+def _input_operand(x_padded: jax.Array) -> jax.Array:
+  """x_padded as the C++ kernels take it: in bfloat16, input channels in pairs (a zero channel
+  added to an odd C, e.g. the stem's RGB)."""
+  extra_c = x_padded.shape[-1] % 2 if x_padded.dtype == jnp.bfloat16 else 0
+  return jnp.pad(x_padded, ((0, 0),) * 3 + ((0, extra_c),))
+
+
+def _kernel_operand(kernel: jax.Array, dtype: Any) -> jax.Array:
+  """kernel as the C++ kernels take it for a convolution in `dtype`: output channels in whole
+  panels of 32 (zero columns added, e.g. the cpu variant's 16), input channels matching
+  `_input_operand`."""
   c, c_out = kernel.shape[2:]
-  extra_c = c % 2 if x_padded.dtype == jnp.bfloat16 else 0
-  x_padded = jnp.pad(x_padded, ((0, 0),) * 3 + ((0, extra_c),))
-  kernel = jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra_c), (0, -c_out % cpu_kernels.PANEL_WIDTH)))
-  return x_padded, kernel
+  extra_c = c % 2 if dtype == jnp.bfloat16 else 0
+  return jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra_c), (0, -c_out % cpu_kernels.PANEL_WIDTH)))
 
 
 def _cpu_kernels_forward(x, kernel, stride):
   k = kernel.shape[0]
   x_padded = _pad_same(x, k)
-  y = cpu_kernels.conv(*_kernel_operands(x_padded, kernel), stride, k // 2)
+  y = cpu_kernels.conv(_input_operand(x_padded), _kernel_operand(kernel, x.dtype), stride,
+                       k // 2)
   return y[..., :kernel.shape[-1]], (x_padded, kernel)
 
 
@@ -148,7 +154,7 @@ def _cpu_kernels_backward(stride, residuals, grad):
   k = kernel.shape[0]
   c, c_out = kernel.shape[2:]
   pad = k // 2
-  x_operand, kernel_operand = _kernel_operands(x_padded, kernel)
+  x_operand, kernel_operand = _input_operand(x_padded), _kernel_operand(kernel, x_padded.dtype)
   grad_operand = jnp.pad(grad, ((0, 0),) * 3 + ((0, kernel_operand.shape[-1] - c_out),))
   grad_kernel = cpu_kernels.conv_kernel_grad(x_operand, grad_operand, kernel_operand.shape,
                                              stride, pad)[:, :, :c, :c_out]
@@ -196,6 +202,25 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') ->
   if method != 'xla':
     raise ValueError(f'conv2d: method must be one of {CONV_METHODS}, got {method!r}')
   return _xla_conv(x, kernel, stride)
+
+
+def packed_kernel(kernel: jax.Array, dtype: Any) -> jax.Array:
+  """kernel (k, k, C_in, C_out) as `conv2d_packed` reads it in `dtype`: the C++ kernels'
+  panels, packed once for a caller that convolves with the same kernel many times (sampling).
+  Needs `cpu_kernels.conv_supported` for the kernel in `dtype`."""
+  return cpu_kernels.conv_panels(_kernel_operand(kernel, dtype), dtype)
+
+
+def conv2d_packed(x: jax.Array, panels: jax.Array, kernel_shape: tuple[int, ...],
+                  stride: int) -> jax.Array:
+  """`conv2d(x, kernel, stride, 'cpu_kernels')` from `packed_kernel(kernel, x.dtype)`, forward
+  only (no gradient): kernel_shape (k, k, C_in, C_out) is the kernel's."""
+  k, _, _, c_out = kernel_shape
+  x_operand = _input_operand(_pad_same(x, k))
+  kernel_operand = jax.eval_shape(functools.partial(_kernel_operand, dtype=x.dtype),
+                                  jax.ShapeDtypeStruct(kernel_shape, x.dtype))
+  y = cpu_kernels.conv(x_operand, kernel_operand, stride, k // 2, panels=panels)
+  return y[..., :c_out]
 
 
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:

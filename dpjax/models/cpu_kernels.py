@@ -355,9 +355,12 @@ def _pack_conv_kernel(kernel: jax.Array, mirror: bool) -> jax.Array:
   return call(kernel.astype(jnp.float32), mirror=bool(mirror))
 
 
-def _conv_panels(kernel: jax.Array, mirror: bool, dtype: Any) -> jax.Array:
-  """`_pack_conv_kernel`'s panels for a convolution in `dtype`: bfloat16 as k-pairs,
-  (C_out / 32, KH·KW·C / 2, 32, 2)."""
+def conv_panels(kernel: jax.Array, dtype: Any, mirror: bool = False) -> jax.Array:
+  """The panels `conv` reads for kernel (KH, KW, C, C_out), C_out a multiple of 32, in `dtype`:
+  float32 (C_out / 32, KH·KW·C, 32); bfloat16 as k-pairs, (C_out / 32, KH·KW·C / 2, 32, 2).
+  With `mirror`, those of the kernel mirrored in space with its channel axes swapped. Packing
+  reads and writes the whole kernel: a caller that convolves with the same kernel many times
+  (sampling) packs it once and passes the panels to `conv`."""
   if dtype == jnp.float32:
     return _pack_conv_kernel(kernel, mirror)
   if mirror:
@@ -371,7 +374,7 @@ _CONV_TARGETS = {jnp.dtype(jnp.float32): (_CONV_TARGET, _CONV_KERNEL_GRAD_TARGET
 
 
 def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int,
-         mirror: bool = False) -> jax.Array:
+         mirror: bool = False, panels: Optional[jax.Array] = None) -> jax.Array:
   """Valid convolution of x_padded (N, Hp, Wp, C) with kernel (KH, KW, C, C_out), C_out a
   multiple of 32 → (N, Ho, Wo, C_out) in x_padded's dtype. `pad`: how many outer rows and
   columns of x_padded on each side are zeros (taps there are skipped on small maps; 0 is always
@@ -380,16 +383,26 @@ def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int,
   convolution does.
   mirror: convolve with the kernel mirrored in space and its channel axes swapped instead (given
   as (KH, KW, C_out, C): the input gradient of a stride-1 convolution with it).
+  panels: `conv_panels(kernel, x_padded.dtype, mirror)` packed ahead; `kernel` may then be a
+  jax.ShapeDtypeStruct of its shape.
   Needs `conv_supported` for x_padded's dtype."""
   kh, kw, c, c_out = kernel.shape
   kernel_shape = (kh, kw, c_out, c) if mirror else kernel.shape
   out_shape = _conv_output_shape(x_padded.shape, kernel_shape, stride)
   _check_conv_operands('conv', x_padded, kernel_shape, out_shape)
+  if panels is None:
+    panels = conv_panels(kernel, x_padded.dtype, mirror)
+  expected = jax.eval_shape(functools.partial(conv_panels, dtype=x_padded.dtype, mirror=mirror),
+                            jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
+  if (panels.shape, panels.dtype) != (expected.shape, expected.dtype):
+    raise ValueError(f'cpu_kernels.conv: panels {panels.dtype} {panels.shape} are not those of '
+                     f'kernel {kernel.shape} for {x_padded.dtype} (expected {expected.dtype} '
+                     f'{expected.shape})')
   call = jax.ffi.ffi_call(_CONV_TARGETS[x_padded.dtype][0],
                           jax.ShapeDtypeStruct(out_shape, x_padded.dtype),
                           vmap_method='sequential')
-  return call(x_padded, _conv_panels(kernel, mirror, x_padded.dtype), kh=np.int64(kh),
-              kw=np.int64(kw), stride=np.int64(stride), pad=np.int64(pad))
+  return call(x_padded, panels, kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride),
+              pad=np.int64(pad))
 
 
 def conv_kernel_grad(x_padded: jax.Array, grad: jax.Array, kernel_shape: tuple[int, ...],

@@ -66,7 +66,8 @@ class GroupNorm(nn.Module):
 # On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
 # the C++ kernels run every layer of a training batch fastest, float32 or bfloat16, and at
 # batch-1 sampling the first stage (2 images of 19×19: 722 pixels; both cameras' encoders
-# 22-26 → 19 ms); on smaller maps (its deep stages) XLA is faster. Without them (no compiler):
+# 22-26 → 19 ms); on smaller maps (its deep stages) XLA is faster unless the kernel is packed
+# ahead (`Conv` with PACKED_KERNELS). Without them (no compiler):
 # XLA's own kernel gradient is slow for wide, high-resolution layers (stage 1 of the
 # paper-sized ResNet: 19×19×64), so those use patches; tiny maps (the last stage's 3×3) waste
 # 40 % of the products on padding, which pays to skip from a few dozen images on.
@@ -94,8 +95,19 @@ def conv_method(input_shape: tuple[int, ...], kernel_shape: tuple[int, ...], str
   return 'xla'
 
 
+# The variable collection of kernels packed for sampling (`Conv`): {module path: 'kernel'}.
+PACKED_KERNELS = 'packed_kernels'
+
+
 class Conv(nn.Module):
-  """Bias-free conv with torch's padding (kernel // 2 on each side); params as nn.Conv's."""
+  """Bias-free conv with torch's padding (kernel // 2 on each side); params as nn.Conv's.
+
+  Sampling packs kernels ahead (`DiffusionPolicy.sampling_variables`): applied with the
+  PACKED_KERNELS collection mutable, a Conv the C++ kernels can run stores its kernel packed
+  there; applied with that collection, it convolves with the stored panels (forward only).
+  Inference on CPU then also runs the small deep-stage maps on the kernels, which
+  lose to XLA only when each call packs its kernel again (docs/performance.md).
+  """
   features: int
   kernel_size: int
   strides: int = 1
@@ -106,8 +118,15 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', conv_kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
+    x = x.astype(self.dtype)
+    if cpu_kernels.conv_supported(x.shape, kernel.shape, self.strides, self.dtype):
+      if self.is_mutable_collection(PACKED_KERNELS) and not self.is_initializing():
+        self.put_variable(PACKED_KERNELS, 'kernel', conv_ops.packed_kernel(kernel, self.dtype))
+      if self.has_variable(PACKED_KERNELS, 'kernel'):
+        return conv_ops.conv2d_packed(x, self.get_variable(PACKED_KERNELS, 'kernel'),
+                                      kernel.shape, self.strides)
     method = conv_method(x.shape, kernel.shape, self.strides, self.dtype, jax.default_backend())
-    return conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, method)
+    return conv_ops.conv2d(x, kernel.astype(self.dtype), self.strides, method)
 
 
 class BasicBlock(nn.Module):

@@ -319,24 +319,24 @@ class CachedDecoderLayer(NamedTuple):
   ffn_out: cpu_kernels.PackedDense
 
 
-class DecodingCache(NamedTuple):
-  """What stays constant across the denoising steps of one sampling call (decoder mode).
+class DecoderConstants(NamedTuple):
+  """What `cached_denoise` takes from the parameters alone (decoder mode), for one sampler.
 
   With the token-wise condition encoder (n_cond_layers = 0) a memory row depends only on its own
-  condition token, so the time token's row depends only on the timestep and the observation rows
-  not at all on it: their cross-attention keys and values are computed once per call. The
-  decoder's Dense weights are packed once per call for the CPU kernel (`cpu_kernels`). The
-  [K | V] arrays are in the model's dtype, or float32 (holding its values) for the layer kernel.
+  condition token, so the time token's cross-attention keys and values depend only on the
+  timestep: a table over the sampler's timesteps. The decoder's Dense weights are packed for the
+  CPU kernel (`cpu_kernels`). [K | V] arrays are in the model's dtype, or float32 (holding its
+  values) for the layer kernel. Built once per call of the sampler, or once per parameters
+  (`DiffusionPolicy.sampling_variables`).
   """
   time_kv: jax.Array  # (n_steps, n_layer, 2E): cross-attention [K | V] of the time row per step.
-  obs_kv: Optional[jax.Array]  # (n_layer, B, To, 2E) [K | V] of the observation rows, or None.
   input_emb: cpu_kernels.PackedDense
   layers: tuple[CachedDecoderLayer, ...]
   head: cpu_kernels.PackedDense
 
 
-def supports_decoding_cache(model: TransformerForDiffusion) -> bool:
-  """Whether `decoding_cache` applies: decoder mode with the token-wise condition MLP."""
+def supports_cached_denoise(model: TransformerForDiffusion) -> bool:
+  """Whether `cached_denoise` applies: decoder mode with the token-wise condition MLP."""
   return model.time_as_cond and model.n_cond_layers == 0
 
 
@@ -364,48 +364,68 @@ def _packed_layer(p: Mapping[str, Any], e: int, dtype: Any) -> CachedDecoderLaye
       ffn_out=pack(**p['ffn']['linear2']))
 
 
-def decoding_cache(model: TransformerForDiffusion, params: Mapping[str, Any],
-                   timesteps: jax.Array, cond: Optional[jax.Array]) -> DecodingCache:
-  """Precomputes the step-invariant part of `model` (eval mode) for `cached_denoise`.
+def _condition_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
+                      tokens: jax.Array) -> jax.Array:
+  """The token-wise condition MLP (n_cond_layers = 0) on (..., E) condition tokens."""
+  hidden = mish(_linear(params['cond_encoder_fc1'], tokens, model.dtype))
+  return _linear(params['cond_encoder_fc2'], hidden, model.dtype)
+
+
+def _memory_kv(model: TransformerForDiffusion, params: Mapping[str, Any],
+               memory: jax.Array) -> jax.Array:
+  """(..., E) memory rows → (n_layer, ..., 2E): every layer's cross-attention [K | V]."""
+  e, dtype = model.n_emb, model.dtype
+
+  def kv(attn_params):
+    kernel = attn_params['in_proj_kernel'][:, e:].astype(dtype)
+    return memory @ kernel + attn_params['in_proj_bias'][e:].astype(dtype)
+
+  return jnp.stack([kv(params[f'decoder_layers_{i}']['multihead_attn'])
+                    for i in range(model.n_layer)])
+
+
+def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
+                      timesteps: jax.Array) -> DecoderConstants:
+  """Precomputes the parameter-only part of `model` (eval mode) for `cached_denoise`.
 
   Args:
-    model: a TransformerForDiffusion with `supports_decoding_cache(model)`.
+    model: a TransformerForDiffusion with `supports_cached_denoise(model)`.
     params: its parameters (`variables['params']` of the module).
     timesteps: (n_steps,) the timesteps the sampler will visit, in order.
-    cond: (B, n_obs_steps, cond_dim) when model.obs_as_cond, else None.
   """
-  if not supports_decoding_cache(model):
-    raise ValueError('decoding_cache: needs time_as_cond=True and n_cond_layers=0, got '
+  if not supports_cached_denoise(model):
+    raise ValueError('decoder_constants: needs time_as_cond=True and n_cond_layers=0, got '
                      f'time_as_cond={model.time_as_cond}, n_cond_layers={model.n_cond_layers}')
   e, dtype = model.n_emb, model.dtype
-  cond_pos_emb = params['cond_pos_emb'][0].astype(dtype)
-
-  def memory(tokens):
-    hidden = mish(_linear(params['cond_encoder_fc1'], tokens, dtype))
-    return _linear(params['cond_encoder_fc2'], hidden, dtype)
-
-  def cross_kv(attn_params, rows):
-    kernel = attn_params['in_proj_kernel'][:, e:].astype(dtype)
-    return rows @ kernel + attn_params['in_proj_bias'][e:].astype(dtype)
-
-  layers = [params[f'decoder_layers_{i}'] for i in range(model.n_layer)]
   time_tokens = sinusoidal_time_embedding(jnp.asarray(timesteps), e).astype(dtype)
-  time_memory = memory(time_tokens + cond_pos_emb[0])
-  time_kv = jnp.stack([cross_kv(p['multihead_attn'], time_memory) for p in layers], axis=1)
-  obs_kv = None
-  if model.obs_as_cond:
-    chex.assert_shape(cond, (None, model.n_obs_steps, model.cond_dim))
-    obs_memory = memory(_linear(params['cond_obs_emb'], cond, dtype) + cond_pos_emb[1:])
-    obs_kv = jnp.stack([cross_kv(p['multihead_attn'], obs_memory) for p in layers])
-  packed_layers = tuple(_packed_layer(p, e, dtype) for p in layers)
+  time_memory = _condition_memory(model, params,
+                                  time_tokens + params['cond_pos_emb'][0, 0].astype(dtype))
+  time_kv = jnp.moveaxis(_memory_kv(model, params, time_memory), 0, 1)
+  packed_layers = tuple(_packed_layer(params[f'decoder_layers_{i}'], e, dtype)
+                        for i in range(model.n_layer))
   if _on_layer_kernel(packed_layers):
     # The layer kernel reads float32 (values of `dtype`): converted once here, not every step.
-    time_kv, obs_kv = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), (time_kv, obs_kv))
-  return DecodingCache(
-      time_kv=time_kv, obs_kv=obs_kv,
+    time_kv = time_kv.astype(jnp.float32)
+  return DecoderConstants(
+      time_kv=time_kv,
       input_emb=cpu_kernels.pack_dense(**params['input_emb'], dtype=dtype),
       layers=packed_layers,
       head=cpu_kernels.pack_dense(**params['head'], dtype=dtype))
+
+
+def observation_kv(model: TransformerForDiffusion, params: Mapping[str, Any],
+                   constants: DecoderConstants, cond: Optional[jax.Array]) -> Optional[jax.Array]:
+  """The observation rows' cross-attention [K | V] for `cached_denoise`, computed once per
+  sampling call: (n_layer, B, To, 2E) in `constants.time_kv`'s dtype for cond (B, To,
+  cond_dim) when model.obs_as_cond, else None."""
+  if not model.obs_as_cond:
+    return None
+  chex.assert_shape(cond, (None, model.n_obs_steps, model.cond_dim))
+  dtype = model.dtype
+  tokens = _linear(params['cond_obs_emb'], cond, dtype) + params['cond_pos_emb'][0, 1:].astype(
+      dtype)
+  kv = _memory_kv(model, params, _condition_memory(model, params, tokens))
+  return kv.astype(constants.time_kv.dtype)
 
 
 def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
@@ -418,16 +438,18 @@ def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
 
 
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
-                   cache: DecodingCache, sample: jax.Array, step: jax.Array) -> jax.Array:
-  """`model.apply({'params': params}, sample, timesteps[step], cond)` in eval mode, from `cache`.
+                   constants: DecoderConstants, obs_kv: Optional[jax.Array], sample: jax.Array,
+                   step: jax.Array) -> jax.Array:
+  """`model.apply({'params': params}, sample, timesteps[step], cond)` in eval mode, from
+  `decoder_constants(model, params, timesteps)` and `observation_kv(..., cond)`.
 
-  sample (B, t, input_dim); step: int32 scalar index into the cache's timesteps.
+  sample (B, t, input_dim); step: int32 scalar index into the constants' timesteps.
   Returns (B, t, output_dim) float32.
   """
   chex.assert_rank(sample, 3)
   b, t = sample.shape[:2]
-  if cache.obs_kv is not None:
-    chex.assert_axis_dimension(cache.obs_kv, 1, b)
+  if obs_kv is not None:
+    chex.assert_axis_dimension(obs_kv, 1, b)
   e, dtype, h = model.n_emb, model.dtype, model.n_head
   self_mask, memory_mask = attention_masks(model.num_tokens, model.num_cond_tokens)
   tgt_mask = self_mask[:t, :t] if model.causal_attn else None
@@ -447,32 +469,32 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
     attend = functools.partial(_attend, num_heads=h, dtype=dtype)
     normalize = functools.partial(_normalize, dtype=dtype)
 
-  x = cpu_kernels.dense(cache.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
-  time_kv = cache.time_kv[step]
-  layer_params = [params[f'decoder_layers_{i}'] for i in range(len(cache.layers))]
-  if _on_layer_kernel(cache.layers):
+  x = cpu_kernels.dense(constants.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
+  time_kv = constants.time_kv[step]
+  layer_params = [params[f'decoder_layers_{i}'] for i in range(len(constants.layers))]
+  if _on_layer_kernel(constants.layers):
     # Float32 between the kernel's layers (bfloat16 numbers in bfloat16): no conversions.
-    obs_kv = (jnp.zeros((len(cache.layers), b, 0, 2 * e)) if cache.obs_kv is None
-              else cache.obs_kv)
+    if obs_kv is None:
+      obs_kv = jnp.zeros((len(constants.layers), b, 0, 2 * e))
     x = x.astype(jnp.float32)
-    for p, dense, shared_kv, batch_kv in zip(layer_params, cache.layers, time_kv, obs_kv):
+    for p, dense, shared_kv, batch_kv in zip(layer_params, constants.layers, time_kv, obs_kv):
       x = cpu_kernels.decoder_layer(x, shared_kv[None], batch_kv,
                                     [p['norm1'], p['norm2'], p['norm3']], dense, h, tgt_mask,
                                     mem_mask, LAYER_NORM_EPS)
     x = x.astype(dtype)
   else:
-    for i, (p, dense) in enumerate(zip(layer_params, cache.layers)):
+    for i, (p, dense) in enumerate(zip(layer_params, constants.layers)):
       y = normalize(p['norm1'], x)
       q, k, v = jnp.split(cpu_kernels.dense(dense.self_qkv, y), 3, axis=-1)
       x = x + cpu_kernels.dense(dense.self_out, attend(q, k, v, mask=tgt_mask))
       y = normalize(p['norm2'], x)
       kv = jnp.broadcast_to(time_kv[i], (b, 1, 2 * e))
-      if cache.obs_kv is not None:
-        kv = jnp.concatenate([kv, cache.obs_kv[i]], axis=1)
+      if obs_kv is not None:
+        kv = jnp.concatenate([kv, obs_kv[i]], axis=1)
       out = attend(cpu_kernels.dense(dense.cross_q, y), kv[..., :e], kv[..., e:], mask=mem_mask)
       x = x + cpu_kernels.dense(dense.cross_out, out)
       y = normalize(p['norm3'], x)
       hidden = jax.nn.gelu(cpu_kernels.dense(dense.ffn_in, y), approximate=False)
       x = x + cpu_kernels.dense(dense.ffn_out, hidden)
   x = normalize(params['ln_f'], x)
-  return cpu_kernels.dense(cache.head, x).astype(jnp.float32)
+  return cpu_kernels.dense(constants.head, x).astype(jnp.float32)
