@@ -52,18 +52,19 @@ def test_conv2d_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize('cpu_kernels', [True, False])
-@pytest.mark.parametrize('size', [7, 8, 19])
-def test_max_pool_matches_torch_including_ties(size, cpu_kernels, monkeypatch):
+@pytest.mark.parametrize('size,channels', [(7, 3), (8, 3), (19, 35)])
+def test_max_pool_matches_torch_including_ties(size, channels, cpu_kernels, monkeypatch):
   # Integers in a small range: most windows hold several equal maxima, and torch sends the
   # gradient to the first of them in row-major order. Both implementations: the C++ kernels
-  # (argmax recorded in the forward pass) and the XLA one (argmax recomputed).
+  # (argmax recorded in the forward pass; 35 channels: two blocks of 16 vector lanes and 3
+  # channels one by one) and the XLA one (argmax recomputed).
   if not cpu_kernels:
     monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
   pool = lambda x: conv_ops.max_pool_3x3_stride2(x)  # A new function: no cached trace.
   jaxpr = str(jax.make_jaxpr(pool)(jnp.zeros((1, size, size, 3))))
   assert ('dpjax_max_pool' in jaxpr) == cpu_kernels
   rng = np.random.default_rng(size)
-  x = rng.integers(0, 3, size=(2, size, size, 3)).astype(np.float32)
+  x = rng.integers(0, 3, size=(2, size, size, channels)).astype(np.float32)
   x_t = _torch_nchw(x)
   y_t = F.max_pool2d(x_t, 3, 2, 1)
   cotangent = rng.normal(size=y_t.shape).astype(np.float32)

@@ -453,21 +453,24 @@ def test_conv_refuses_what_it_cannot_run():
 
 
 def test_max_pool_records_the_first_maximum_and_refuses_bad_operands():
-  # Values against torch (ties included) are in test_conv_ops; here the recorded argmax itself.
-  x = np.zeros((1, 4, 4, 2), np.float32)
-  x[0, 1, 2, 0] = 5.0  # Window (row 1, col 1) spans rows 1-3, cols 1-3: offset (0, 1) = 1.
-  x[0, 3, 3, 1] = 1.0  # Channel 1: ties at 0 elsewhere, 1.0 at offset (2, 2) = 8.
+  # Values against torch (ties included) are in test_conv_ops; here the recorded argmax itself,
+  # in the vector lanes (channels 0, 1) and the channels after the last 16 (16, 17).
+  x = np.zeros((1, 4, 4, 18), np.float32)
+  x[0, 1, 2, [0, 16]] = 5.0  # Window (row 1, col 1) spans rows 1-3, cols 1-3: offset (0, 1) = 1.
+  x[0, 3, 3, [1, 17]] = 1.0  # Channel 1: ties at 0 elsewhere, 1.0 at offset (2, 2) = 8.
   pooled, argmax = jax.jit(cpu_kernels.max_pool)(jnp.asarray(x))
-  assert pooled.shape == argmax.shape == (1, 2, 2, 2) and argmax.dtype == jnp.int8
-  assert pooled[0, 1, 1, 0] == 5.0 and argmax[0, 1, 1, 0] == 1
-  assert pooled[0, 1, 1, 1] == 1.0 and argmax[0, 1, 1, 1] == 8
-  assert argmax[0, 0, 0, 1] == 4  # All zeros: the first in-image offset, (1, 1) (padding first).
-  x[0, 0, 0, 0] = np.nan  # A NaN wins its windows, as in torch and XLA's reduce_window max.
+  assert pooled.shape == argmax.shape == (1, 2, 2, 18) and argmax.dtype == jnp.int8
+  for c in (0, 16):
+    assert pooled[0, 1, 1, c] == 5.0 and argmax[0, 1, 1, c] == 1
+    assert pooled[0, 1, 1, c + 1] == 1.0 and argmax[0, 1, 1, c + 1] == 8
+    assert argmax[0, 0, 0, c + 1] == 4  # All zeros: the first in-image offset, (1, 1).
+  x[0, 0, 0, [0, 16]] = np.nan  # A NaN wins its windows, as in torch and XLA's max.
   pooled, argmax = jax.jit(cpu_kernels.max_pool)(jnp.asarray(x))
-  assert np.isnan(pooled[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 4
-  assert pooled[0, 1, 1, 0] == 5.0
+  for c in (0, 16):
+    assert np.isnan(pooled[0, 0, 0, c]) and argmax[0, 0, 0, c] == 4
+    assert pooled[0, 1, 1, c] == 5.0
   with pytest.raises(ValueError, match=r'expected int8 argmax and float32 grad \(1, 2, 2, 2\)'):
-    cpu_kernels.max_pool_grad(argmax, jnp.ones((1, 2, 2, 3)), x.shape)
+    cpu_kernels.max_pool_grad(argmax[..., :2], jnp.ones((1, 2, 2, 3)), (1, 4, 4, 2))
   with pytest.raises(ValueError, match=r'expected float32 x \(N, H, W, C\), got float32 \(4, 4\)'):
     cpu_kernels.max_pool(jnp.ones((4, 4)))
 

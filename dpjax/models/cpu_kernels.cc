@@ -141,6 +141,7 @@ constexpr int64_t kPanelWidth = 32;
 constexpr int kMaxRows = 12;
 
 typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t Vec16i __attribute__((vector_size(64), aligned(4)));
 
 // table[r - 1] = make(r) for r = 1 .. kMaxRows: the kernels' blocks for each row count, chosen
 // at run time for a tail of fewer rows.
@@ -1233,25 +1234,46 @@ ffi::Error MaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
     for (int64_t oy = 0; oy < ho; ++oy) {
       for (int64_t ox = 0; ox < wo; ++ox) {
         const int64_t out = ((n * ho + oy) * wo + ox) * c;
-        float* best = y_data + out;
-        int8_t* which = a_data + out;
-        std::fill(best, best + c, -std::numeric_limits<float>::infinity());
-        std::fill(which, which + c, 0);
+        // The window's valid input pixels, in row-major offset order.
+        const float* pixels[kPoolWindow * kPoolWindow];
+        int32_t offsets[kPoolWindow * kPoolWindow];
+        int valid = 0;
         for (int64_t ky = 0; ky < kPoolWindow; ++ky) {
           const int64_t iy = oy * kPoolStride - kPoolPad + ky;
-          if (iy < 0 || iy >= h) continue;
           for (int64_t kx = 0; kx < kPoolWindow; ++kx) {
             const int64_t ix = ox * kPoolStride - kPoolPad + kx;
-            if (ix < 0 || ix >= w) continue;
-            const float* pixel = image + (iy * w + ix) * c;
-            const int8_t offset = static_cast<int8_t>(ky * kPoolWindow + kx);
-            for (int64_t j = 0; j < c; ++j) {
-              // Strict: ties keep the earlier offset. A NaN always wins, as in torch.
-              const bool larger = pixel[j] > best[j] || std::isnan(pixel[j]);
-              best[j] = larger ? pixel[j] : best[j];
-              which[j] = larger ? offset : which[j];
+            if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+            pixels[valid] = image + (iy * w + ix) * c;
+            offsets[valid++] = static_cast<int32_t>(ky * kPoolWindow + kx);
+          }
+        }
+        // Strict: ties keep the earlier offset. A NaN always wins, as in torch. Sixteen
+        // channels at a time (the vector lanes), then the rest one by one.
+        int64_t j = 0;
+        for (; j + 16 <= c; j += 16) {
+          Vec16 best = Vec16{} - std::numeric_limits<float>::infinity();
+          Vec16i which = Vec16i{};
+          for (int v = 0; v < valid; ++v) {
+            const Vec16 pixel = *reinterpret_cast<const Vec16*>(pixels[v] + j);
+            const Vec16i larger = (pixel > best) | (pixel != pixel);
+            best = larger ? pixel : best;
+            which = larger ? offsets[v] + Vec16i{} : which;
+          }
+          *reinterpret_cast<Vec16*>(y_data + out + j) = best;
+          for (int lane = 0; lane < 16; ++lane) a_data[out + j + lane] = which[lane];
+        }
+        for (; j < c; ++j) {
+          float best = -std::numeric_limits<float>::infinity();
+          int8_t which = 0;
+          for (int v = 0; v < valid; ++v) {
+            const float pixel = pixels[v][j];
+            if (pixel > best || std::isnan(pixel)) {
+              best = pixel;
+              which = static_cast<int8_t>(offsets[v]);
             }
           }
+          y_data[out + j] = best;
+          a_data[out + j] = which;
         }
       }
     }
