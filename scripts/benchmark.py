@@ -151,7 +151,8 @@ def _denoise_step_flops(policy: DiffusionPolicy, variables, batch: int) -> float
 def bench_predict(args) -> dict[str, Any]:
   """`predict_action` latency (encoders included) per batch size and sampler, from the
   policy's `sampling_variables` (built once per sampler, timed with its compilation as
-  `sampling_variables_s`), as evaluation rollouts call it.
+  `sampling_variables_s`), as evaluation rollouts call it; at batch 1 also from the plain
+  variables (`..._plain_variables`).
 
   XLA's cost analysis counts a loop body once, so the FLOPs of a call are the program's count
   (traced with XLA ops where the CPU kernels run: see `_count_kernel_flops`) plus
@@ -177,14 +178,21 @@ def bench_predict(args) -> dict[str, Any]:
     for batch in batches:
       obs = jax.device_put(_synthetic_obs(shape_meta, batch, int(cfg.task.n_obs_steps)))
       key = jax.random.key(1)
-      timing = _timed_program(jitted, (sampling_variables, obs, key), args.repeats,
-                              flops_args=(variables, obs, key))
-      if timing['flops']:
-        timing.setdefault('xla_program_flops', timing['flops'])
-        timing['flops'] += (steps - 1) * _denoise_step_flops(policy, variables, batch)
-        timing['flops_per_s'] = timing['flops'] / timing['median_s']
-      results[f'{sampler}{steps}_batch{batch}'] = dict(
-          timing, sampler=sampler, num_inference_steps=steps, batch_size=batch)
+      # At batch 1 also from the plain variables: the packing and the timestep table in
+      # every call, as a caller that never makes sampling variables sees it.
+      runs = [('', sampling_variables)]
+      if batch == batches[0]:
+        runs.append(('_plain_variables', variables))
+      for suffix, call_variables in runs:
+        timing = _timed_program(jitted, (call_variables, obs, key), args.repeats,
+                                flops_args=(variables, obs, key))
+        if timing['flops']:
+          timing.setdefault('xla_program_flops', timing['flops'])
+          timing['flops'] += (steps - 1) * _denoise_step_flops(policy, variables, batch)
+          timing['flops_per_s'] = timing['flops'] / timing['median_s']
+        results[f'{sampler}{steps}_batch{batch}{suffix}'] = dict(
+            timing, sampler=sampler, num_inference_steps=steps, batch_size=batch,
+            variables='plain' if suffix else 'sampling')
   return {'config': config.name, 'results': results,
           'sampling_variables_s': sampling_variables_s}
 

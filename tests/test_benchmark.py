@@ -30,6 +30,8 @@ def test_quick_benchmark_reports_every_field(tmp_path):
   predict = report['predict']['results']
   assert {r['sampler'] for r in predict.values()} == {'ddpm', 'ddim'}
   assert {r['batch_size'] for r in predict.values()} == {1, 2}
+  assert {(r['batch_size'], r['variables']) for r in predict.values()} == {
+      (1, 'sampling'), (1, 'plain'), (2, 'sampling')}
   for name, result in predict.items():
     assert result['median_s'] > 0 and result['compile_s'] > 0, name
     assert result['flops'] > 0 and result['flops_per_s'] > 0, name

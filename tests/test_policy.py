@@ -102,13 +102,18 @@ def test_predict_action_rejects_short_history():
     policy.predict_action(variables, obs, jax.random.key(0))
 
 
-@pytest.mark.parametrize('compute_dtype', ['float32', 'bfloat16'])
-def test_sampling_variables_give_the_same_features_and_actions(compute_dtype):
+@pytest.mark.parametrize('compute_dtype,kernels', [('float32', True), ('bfloat16', True),
+                                                   ('float32', False)])
+def test_sampling_variables_give_the_same_features_and_actions(compute_dtype, kernels,
+                                                               monkeypatch):
   """Packing the kernels and tabling the timesteps once moves work out of the call, not the
   results: the same encoder features (float summation order aside: the packed convolutions run
-  on the C++ kernels where their plain twins, on these small maps, run XLA's) and actions.
+  on the C++ kernels where their plain twins, on these small maps, run XLA's) and actions;
+  without the kernels (other backends), only the timestep table moves.
   64×64 images cropped to 60×60 end in 2×2 maps (on a 1×1 map SpatialSoftmax's keypoints
   would not depend on the image)."""
+  if not kernels:
+    monkeypatch.setattr(cpu_kernels, '_usable', lambda: False)
   config = _config(p_drop_attn=0.0, compute_dtype=compute_dtype)
   config.task.shape_meta = lift._shape_meta(64)
   config.task.shape_meta.obs = tuple(e for e in config.task.shape_meta.obs
