@@ -291,6 +291,7 @@ class DiffusionPolicy:
     return self._sampling_variables_jit(variables)
 
   def _sampling_variables(self, variables) -> dict:
+    # The encoders run once on zeros, for each Conv to store its kernel packed (resnet.Conv).
     obs = {s.key: jnp.zeros((self.n_obs_steps,) + s.shape, jnp.float32)
            for s in self.shape_meta.obs}
     _, packed = self.network.apply({'params': variables['params']}, obs, False,

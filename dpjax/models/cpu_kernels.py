@@ -392,12 +392,13 @@ def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int,
   _check_conv_operands('conv', x_padded, kernel_shape, out_shape)
   if panels is None:
     panels = conv_panels(kernel, x_padded.dtype, mirror)
-  expected = jax.eval_shape(functools.partial(conv_panels, dtype=x_padded.dtype, mirror=mirror),
-                            jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
-  if (panels.shape, panels.dtype) != (expected.shape, expected.dtype):
-    raise ValueError(f'cpu_kernels.conv: panels {panels.dtype} {panels.shape} are not those of '
-                     f'kernel {kernel.shape} for {x_padded.dtype} (expected {expected.dtype} '
-                     f'{expected.shape})')
+  else:
+    expected = jax.eval_shape(functools.partial(conv_panels, dtype=x_padded.dtype, mirror=mirror),
+                              jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
+    if (panels.shape, panels.dtype) != (expected.shape, expected.dtype):
+      raise ValueError(f'cpu_kernels.conv: panels {panels.dtype} {panels.shape} are not those of '
+                       f'kernel {kernel.shape} for {x_padded.dtype} (expected {expected.dtype} '
+                       f'{expected.shape})')
   call = jax.ffi.ffi_call(_CONV_TARGETS[x_padded.dtype][0],
                           jax.ShapeDtypeStruct(out_shape, x_padded.dtype),
                           vmap_method='sequential')
