@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.models import conv_ops, cpu_kernels, gpu_kernels
+from dpjax.models import conv_ops, cpu_kernels
 
 LAYER_NORM_EPS = 1e-5
 weight_init = nn.initializers.normal(stddev=0.02)
@@ -437,15 +437,6 @@ def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
       dense.kernel.ndim > 2 for layer in layers for dense in layer)
 
 
-def _on_gpu_kernels(model: TransformerForDiffusion,
-                    layers: tuple[CachedDecoderLayer, ...]) -> bool:
-  """Whether `cached_denoise` runs these layers on `gpu_kernels` (a GPU backend, weights not
-  packed for the CPU, sizes that fit the kernels' blocks)."""
-  return (gpu_kernels.enabled() and all(dense.kernel.ndim == 2 for layer in layers
-                                         for dense in layer)
-          and gpu_kernels.supports(model.n_emb, model.n_head, layers[0].ffn_in.kernel.shape[1]))
-
-
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
                    constants: DecoderConstants, obs_kv: Optional[jax.Array], sample: jax.Array,
                    step: jax.Array) -> jax.Array:
@@ -491,13 +482,6 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
                                     [p['norm1'], p['norm2'], p['norm3']], dense, h, tgt_mask,
                                     mem_mask, LAYER_NORM_EPS)
     x = x.astype(dtype)
-  elif _on_gpu_kernels(model, constants.layers):
-    memory_kv = jnp.broadcast_to(time_kv[:, None, None], (len(constants.layers), b, 1, 2 * e))
-    if obs_kv is not None:
-      memory_kv = jnp.concatenate([memory_kv, obs_kv.astype(memory_kv.dtype)], axis=2)
-    norms = [(p['norm1'], p['norm2'], p['norm3']) for p in layer_params]
-    x = gpu_kernels.decoder_layers(x, memory_kv, norms, constants.layers, h, tgt_mask, mem_mask,
-                                   LAYER_NORM_EPS).astype(dtype)
   else:
     for i, (p, dense) in enumerate(zip(layer_params, constants.layers)):
       y = normalize(p['norm1'], x)
