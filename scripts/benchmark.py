@@ -157,7 +157,7 @@ def bench_predict(args) -> dict[str, Any]:
   XLA's cost analysis counts a loop body once, so the FLOPs of a call are the program's count
   (traced with XLA ops where the CPU kernels run: see `_count_kernel_flops`) plus
   (num_inference_steps - 1) network evaluations (an upper bound: the sampler's own step reuses
-  the step-invariant cross-attention keys and values).
+  the step-invariant cross-attention memory, its projections folded in).
   """
   config = _variant('default', args)
   shape_meta = ShapeMeta.from_config(config.task.shape_meta)

@@ -156,8 +156,8 @@ def test_attention_refuses_bad_operands():
 
 def _decoder_layer_case(b, t, e, heads, shared, own, causal, dtype):
   """transformer.DecoderLayer(dtype)'s eval-mode output for random inputs and parameters, and
-  cpu_kernels.decoder_layer's, its memory's keys and values projected beforehand and the rows
-  shared by every sequence passed once."""
+  cpu_kernels.decoder_layer's, its memory folded beforehand (transformer.fold_cross_attention)
+  and the rows shared by every sequence passed once."""
   rng = np.random.default_rng(5)
   layer = transformer.DecoderLayer(heads, dropout_rate=0.1, dtype=dtype)
   x = jnp.asarray(rng.standard_normal((b, t, e)), dtype)
@@ -172,21 +172,18 @@ def _decoder_layer_case(b, t, e, heads, shared, own, causal, dtype):
   expected = layer.apply({'params': params}, x, memory, *masks, train=False)
 
   cross = params['multihead_attn']
-  kv = memory @ cross['in_proj_kernel'][:, e:].astype(dtype) + cross['in_proj_bias'][e:].astype(
-      dtype)
+  folded = transformer.fold_cross_attention(cross, memory, heads, dtype)
 
   def pack(kernel, bias):
     return cpu_kernels.pack_dense(kernel, bias, dtype)
 
   dense = [pack(params['self_attn']['in_proj_kernel'], params['self_attn']['in_proj_bias']),
-           pack(**params['self_attn']['out_proj']),
-           pack(cross['in_proj_kernel'][:, :e], cross['in_proj_bias'][:e]),
-           pack(**cross['out_proj']), pack(**params['ffn']['linear1']),
+           pack(**params['self_attn']['out_proj']), pack(**params['ffn']['linear1']),
            pack(**params['ffn']['linear2'])]
   norms = [params['norm1'], params['norm2'], params['norm3']]
-  got = jax.jit(lambda x, shared_kv, own_kv: cpu_kernels.decoder_layer(
-      x, shared_kv, own_kv, norms, dense, heads, *masks, transformer.LAYER_NORM_EPS))(
-          x, kv[0, :shared], kv[:, shared:])
+  got = jax.jit(lambda x, shared_memory, own_memory: cpu_kernels.decoder_layer(
+      x, shared_memory, own_memory, norms, dense, cross['out_proj']['bias'], heads, *masks,
+      transformer.LAYER_NORM_EPS))(x, folded[0, :shared], folded[:, shared:])
   return np.asarray(expected, np.float32), np.asarray(got, np.float32)
 
 
@@ -217,18 +214,26 @@ def test_decoder_layer_in_bfloat16_is_as_close_to_float32_as_the_flax_layer(b):
 
 
 def test_decoder_layer_refuses_bad_operands():
-  e = 64
+  e, heads = 64, 4
   dense = [cpu_kernels.pack_dense(jnp.ones((k, n)), jnp.ones(n), jnp.float32)
-           for k, n in ((e, 3 * e), (e, e), (e, e), (e, e), (e, 4 * e), (4 * e, e))]
+           for k, n in ((e, 3 * e), (e, e), (e, 4 * e), (4 * e, e))]
   norms = [{'scale': jnp.ones(e), 'bias': jnp.zeros(e)}] * 3
-  x, shared_kv, own_kv = jnp.ones((2, 5, e)), jnp.ones((1, 2 * e)), jnp.ones((2, 2, 2 * e))
-  with pytest.raises(ValueError, match=r'shared_kv \(S0, 2E\).*shared_kv \(1, 64\)'):
-    cpu_kernels.decoder_layer(x, shared_kv[:, :e], own_kv, norms, dense, 4, None, None, 1e-5)
+  row = heads * (2 * e + 1)
+  x, shared, own, bias = (jnp.ones((2, 5, e)), jnp.ones((1, row)), jnp.ones((2, 2, row)),
+                          jnp.zeros(e))
+  with pytest.raises(ValueError, match=r'shared_memory \(S0, H \(2E \+ 1\)\).*H = 4 heads.*'
+                     r'shared_memory \(1, 128\)'):
+    cpu_kernels.decoder_layer(x, shared[:, :2 * e], own, norms, dense, bias, heads, None, None,
+                              1e-5)
+  with pytest.raises(ValueError, match=r'cross_out_bias \(E,\).*cross_out_bias \(3, 64\)'):
+    cpu_kernels.decoder_layer(x, shared, own, norms, dense, jnp.zeros((3, e)), heads, None, None,
+                              1e-5)
   with pytest.raises(ValueError, match=r'mask must be \(T, S\) = \(5, 3\), got \(5, 5\)'):
-    cpu_kernels.decoder_layer(x, shared_kv, own_kv, norms, dense, 4, None, np.ones((5, 5)), 1e-5)
+    cpu_kernels.decoder_layer(x, shared, own, norms, dense, bias, heads, None, np.ones((5, 5)),
+                              1e-5)
   swapped = [dense[1], dense[0], *dense[2:]]  # Packed shapes the kernel itself checks.
   with pytest.raises(Exception, match=r'decoder_layer: expected .* self_qkv \(E -> 3E\)'):
-    jax.block_until_ready(cpu_kernels.decoder_layer(x, shared_kv, own_kv, norms, swapped, 4,
+    jax.block_until_ready(cpu_kernels.decoder_layer(x, shared, own, norms, swapped, bias, heads,
                                                     None, None, 1e-5))
 
 

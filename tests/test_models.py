@@ -717,11 +717,11 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, cpu_kernels,
   timesteps = jnp.array([99, 57, 3, 0])
   apply = _jit_apply(model)
   constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
-  obs_kv = transformer_lib.observation_kv(model, params['params'], constants, cond)
+  obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
   assert constants.layers[0].ffn_in.kernel.ndim == (3 if cpu_kernels else 2)
   for step, t in enumerate(timesteps):
     expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
-    got = transformer_lib.cached_denoise(model, params['params'], constants, obs_kv, sample,
+    got = transformer_lib.cached_denoise(model, params['params'], constants, obs_memory, sample,
                                          jnp.int32(step))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -739,10 +739,10 @@ def test_cached_denoise_in_bfloat16_follows_the_module(cpu_kernels, monkeypatch)
     model, params, (sample, _, cond) = _small_transformer_with_params(cond_dim=5, dtype=dtype)
     timesteps = jnp.array([99, 3])
     constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
-    obs_kv = transformer_lib.observation_kv(model, params['params'], constants, cond)
+    obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
     outputs[dtype] = [
         (_jit_apply(model)(params, sample, jnp.full((sample.shape[0],), t), cond, train=False),
-         transformer_lib.cached_denoise(model, params['params'], constants, obs_kv, sample,
+         transformer_lib.cached_denoise(model, params['params'], constants, obs_memory, sample,
                                         jnp.int32(step)))
         for step, t in enumerate(timesteps)]
   # pylint: disable-next=protected-access

@@ -317,24 +317,24 @@ class DiffusionPolicy:
 
     noise_model = self.network.noise_model
     if transformer.supports_cached_denoise(noise_model):
-      # Condition memory, its cross-attention keys/values and the time embeddings are the same
+      # Condition memory, its folded cross-attention rows and the time embeddings are the same
       # at every step: computed once here (or ahead, by `sampling_variables`), the loop body
       # is only the decoder stack.
       params = variables['params']['noise_model']
       constants = variables.get(DECODER_CONSTANTS)
       if constants is None:
         constants = transformer.decoder_constants(noise_model, params, self._timesteps)
-      elif constants.time_kv.shape[0] != len(self._timesteps):
+      elif constants.time_memory.shape[0] != len(self._timesteps):
         raise ValueError(
             f'DiffusionPolicy.predict_action: variables[{DECODER_CONSTANTS!r}] are for '
-            f'{constants.time_kv.shape[0]} sampling steps, this policy takes '
+            f'{constants.time_memory.shape[0]} sampling steps, this policy takes '
             f'{len(self._timesteps)}; make them with this policy\'s sampling_variables')
-      obs_kv = transformer.observation_kv(noise_model, params, constants, cond)
+      obs_memory = transformer.observation_memory(noise_model, params, cond)
       step_of = np.zeros(self.schedule.num_train_timesteps, np.int32)
       step_of[self._timesteps] = np.arange(len(self._timesteps))
 
       def denoise(x, t):
-        return transformer.cached_denoise(noise_model, params, constants, obs_kv, x,
+        return transformer.cached_denoise(noise_model, params, constants, obs_memory, x,
                                           jnp.asarray(step_of)[t])
     else:
 

@@ -538,14 +538,25 @@ Phase DensePhase(const PackedWeights<W>& w, const W* x, int64_t m_dim, Out* out,
 // DpjaxDecoderLayer's parameters, in the order of the call's remaining operands.
 enum DecoderParam {
   kNorm1Scale, kNorm1Bias, kSelfQkv, kSelfQkvBias, kSelfOut, kSelfOutBias,
-  kNorm2Scale, kNorm2Bias, kCrossQ, kCrossQBias, kCrossOut, kCrossOutBias,
+  kNorm2Scale, kNorm2Bias, kCrossOutBias,
   kNorm3Scale, kNorm3Bias, kFfnIn, kFfnInBias, kFfnOut, kFfnOutBias, kDecoderParams
 };
 
+// A bfloat16 (uint16_t bits) as a float, or a float as itself.
+inline float ToFloat(float value) { return value; }
+inline float ToFloat(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof(value));
+  return value;
+}
+
+constexpr int64_t kCrossRowsPerTask = 4;
+
 struct DecoderOperands {
   const float* x;
-  const float* shared_kv;
-  const float* batch_kv;
+  const float* shared_memory;
+  const float* batch_memory;
   const bool* self_mask;
   const bool* memory_mask;
   std::array<const void*, kDecoderParams> params;
@@ -556,6 +567,7 @@ struct DecoderOperands {
 
 template <typename W>
 void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
+  using P = Precision<W>;
   const int64_t m_dim = op.b_dim * op.t_dim, e_dim = op.e_dim, t_dim = op.t_dim;
   const int64_t d_dim = e_dim / op.num_heads, num_heads = op.num_heads, s0 = op.s0, s1 = op.s1;
   auto weights = [&](int index, int64_t k_dim, int64_t n_dim) {
@@ -563,7 +575,7 @@ void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
                             static_cast<const float*>(op.params[index + 1]), k_dim, n_dim};
   };
   std::vector<W> normed(m_dim * e_dim), attended(m_dim * e_dim), hidden(m_dim * op.f_dim);
-  std::vector<float> qkv(m_dim * 3 * e_dim), queries(m_dim * e_dim);
+  std::vector<float> qkv(m_dim * 3 * e_dim);
   // Normalizes the rows of `source` (float) into `normed`, copying them to `copy` unless null.
   auto normalize = [&](int index, const float* source, float* copy) -> Phase {
     const float* scale = static_cast<const float*>(op.params[index]);
@@ -579,9 +591,8 @@ void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
             }};
   };
   const float* qkv_data = qkv.data();
-  const float* query_data = queries.data();
-  const float* shared_data = op.shared_kv;
-  const float* batch_data = op.batch_kv;
+  const float* shared_data = op.shared_memory;
+  const float* batch_data = op.batch_memory;
   const bool* self_allowed = op.self_mask;
   const bool* memory_allowed = op.memory_mask;
   W* attended_data = attended.data();
@@ -594,31 +605,60 @@ void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
         [=](int64_t s) { return rows + s * 3 * e_dim + 2 * e_dim; },
         attended_data + b * t_dim * e_dim + offset, e_dim);
   }};
-  const Phase cross_attention{op.b_dim * num_heads, [=](int64_t task) {
-    const int64_t b = task / num_heads, offset = (task % num_heads) * d_dim;
-    const float* shared = shared_data + offset;
-    const float* own = batch_data + b * s1 * 2 * e_dim + offset;
-    auto key = [=](int64_t s) {
-      return s < s0 ? shared + s * 2 * e_dim : own + (s - s0) * 2 * e_dim;
-    };
-    AttendHead(
-        query_data + b * t_dim * e_dim + offset, e_dim, t_dim, s0 + s1, d_dim, memory_allowed,
-        key, [=](int64_t s) { return key(s) + e_dim; },
-        attended_data + b * t_dim * e_dim + offset, e_dim);
-  }};
   float* out = op.out;
+  const W* normed_data = normed.data();
+  const float* cross_bias = static_cast<const float*>(op.params[kCrossOutBias]);
+  // Folded memory rows (transformer.fold_cross_attention): per head h, score_h (E), then per
+  // head value_h (E), then per head offset_h. Row m of out gains
+  //   sum_h sum_s softmax_s(mask ? normed[m] . score_h(s) + offset_h(s) : lowest) value_h(s)
+  // plus the out-projection's bias: the cross-attention with its q and out projections
+  // already applied to the memory's keys and values.
+  const Phase cross_attention{(m_dim + kCrossRowsPerTask - 1) / kCrossRowsPerTask,
+                              [=](int64_t task) {
+    const int64_t s_dim = s0 + s1, row_length = num_heads * (2 * e_dim + 1);
+    std::vector<float> query(e_dim), sums(e_dim), weights(s_dim);
+    std::vector<const float*> rows(s_dim);
+    const int64_t end = std::min(m_dim, (task + 1) * kCrossRowsPerTask);
+    for (int64_t m = task * kCrossRowsPerTask; m < end; ++m) {
+      const int64_t b = m / t_dim, t = m % t_dim;
+      for (int64_t s = 0; s < s_dim; ++s) {
+        rows[s] = s < s0 ? shared_data + s * row_length
+                         : batch_data + (b * s1 + s - s0) * row_length;
+      }
+      for (int64_t j = 0; j < e_dim; ++j) query[j] = ToFloat(normed_data[m * e_dim + j]);
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float top = std::numeric_limits<float>::lowest();
+        for (int64_t s = 0; s < s_dim; ++s) {
+          float logit = std::numeric_limits<float>::lowest();
+          if (memory_allowed[t * s_dim + s]) {
+            logit = Dot(query.data(), rows[s] + h * e_dim, e_dim) +
+                    rows[s][2 * num_heads * e_dim + h];
+          }
+          weights[s] = logit;
+          top = std::max(top, logit);
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < s_dim; ++s) total += weights[s] = std::exp(weights[s] - top);
+        for (int64_t s = 0; s < s_dim; ++s) {
+          const float w = weights[s] / total;
+          const float* value = rows[s] + (num_heads + h) * e_dim;
+          for (int64_t j = 0; j < e_dim; ++j) sums[j] += w * value[j];
+        }
+      }
+      float* dest = out + m * e_dim;
+      for (int64_t j = 0; j < e_dim; ++j) {
+        dest[j] = P::Round(dest[j] + P::Round(sums[j] + cross_bias[j]));
+      }
+    }
+  }};
   RunPhases(pool, {normalize(kNorm1Scale, op.x, out),
                    DensePhase<Epilogue::kStore>(weights(kSelfQkv, e_dim, 3 * e_dim),
                                                 normed.data(), m_dim, qkv.data(), 3 * e_dim),
                    self_attention,
                    DensePhase<Epilogue::kAdd>(weights(kSelfOut, e_dim, e_dim), attended_data,
                                               m_dim, out, e_dim),
-                   normalize(kNorm2Scale, out, nullptr),
-                   DensePhase<Epilogue::kStore>(weights(kCrossQ, e_dim, e_dim), normed.data(),
-                                                m_dim, queries.data(), e_dim),
-                   cross_attention,
-                   DensePhase<Epilogue::kAdd>(weights(kCrossOut, e_dim, e_dim), attended_data,
-                                              m_dim, out, e_dim),
+                   normalize(kNorm2Scale, out, nullptr), cross_attention,
                    normalize(kNorm3Scale, out, nullptr),
                    DensePhase<Epilogue::kGelu>(weights(kFfnIn, e_dim, op.f_dim), normed.data(),
                                                m_dim, hidden.data(), op.f_dim),
@@ -646,25 +686,27 @@ bool IsPacked(const ffi::AnyBuffer& panels, const ffi::AnyBuffer& bias, int64_t 
 // DpjaxDecoderLayer: one pre-norm decoder layer in eval mode as dpjax.models.transformer's
 // DecoderLayer computes it (nn.TransformerDecoderLayer with norm_first, exact GELU, no dropout):
 //   x += SelfAttention(LN1(x)); x += CrossAttention(LN2(x), memory); x += FFN(LN3(x)),
-// the memory's keys and values already projected, [K | V] per row: the rows of shared_kv
-// (S0, 2E), the same for every sequence (the timestep's), then those of batch_kv (B, S1, 2E).
+// the memory rows folded with the cross-attention's query and out projections (H (2E + 1)
+// floats per row, transformer.fold_cross_attention): the rows of shared_memory (S0, H (2E + 1)),
+// the same for every sequence (the timestep's), then those of batch_memory (B, S1, H (2E + 1)).
 // Float32 activations in and out; the Dense layers' panels float32, or bfloat16 for the
-// bfloat16 module's arithmetic (Precision<uint16_t>). Its 11 steps run as the phases of one
+// bfloat16 module's arithmetic (Precision<uint16_t>). Its 9 steps run as the phases of one
 // RunPhases: at batch 1 separate calls spent more time waking the pool and in XLA's small ops
 // between them than in their work.
 ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> shared_kv, ffi::Buffer<ffi::F32> batch_kv,
+                        ffi::Buffer<ffi::F32> shared_memory, ffi::Buffer<ffi::F32> batch_memory,
                         ffi::Buffer<ffi::PRED> self_mask, ffi::Buffer<ffi::PRED> memory_mask,
                         ffi::RemainingArgs params, ffi::ResultBuffer<ffi::F32> y,
                         int64_t num_heads, float epsilon) {
   const auto invalid = [] {
     return ffi::Error::InvalidArgument(
         "cpu_kernels decoder_layer: expected float32 x (B, T, E) with E divisible by num_heads, "
-        "shared_kv (S0, 2E), batch_kv (B, S1, 2E), masks (T, T) and (T, S0 + S1), y (B, T, E), "
-        "then 18 parameters: per LayerNorm float32 scale and bias (E,), per Dense its panels "
-        "(ceil(N / 32), K, 32) float32 or (ceil(N / 32), K / 2, 32, 2) bfloat16, all alike, and "
-        "float32 bias (N,), in the order norm1, self_qkv (E -> 3E), self_out, norm2, cross_q, "
-        "cross_out, norm3, ffn_in (E -> F), ffn_out (F -> E)");
+        "shared_memory (S0, H (2E + 1)), batch_memory (B, S1, H (2E + 1)), masks (T, T) and "
+        "(T, S0 + S1), y (B, T, E), then 15 parameters: per LayerNorm float32 scale and bias "
+        "(E,), per Dense its panels (ceil(N / 32), K, 32) float32 or (ceil(N / 32), K / 2, 32, 2) "
+        "bfloat16, all alike, and float32 bias (N,), in the order norm1, self_qkv (E -> 3E), "
+        "self_out, norm2, the cross-attention's out-projection bias (E,), norm3, ffn_in (E -> F), "
+        "ffn_out (F -> E)");
   };
   std::vector<ffi::AnyBuffer> p;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -673,13 +715,13 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     p.push_back(*buffer);
   }
   const auto x_dims = x.dimensions();
-  const auto shared_dims = shared_kv.dimensions();
-  const auto batch_dims = batch_kv.dimensions();
+  const auto shared_dims = shared_memory.dimensions();
+  const auto batch_dims = batch_memory.dimensions();
   if (p.size() != kDecoderParams || x_dims.size() != 3 || shared_dims.size() != 2 ||
       batch_dims.size() != 3 || !SameDims(y->dimensions(), x_dims)) {
     return invalid();
   }
-  DecoderOperands op{x.typed_data(), shared_kv.typed_data(), batch_kv.typed_data(),
+  DecoderOperands op{x.typed_data(), shared_memory.typed_data(), batch_memory.typed_data(),
                      self_mask.typed_data(), memory_mask.typed_data(), {},
                      x_dims[0], x_dims[1], x_dims[2],
                      static_cast<int64_t>(p[kFfnInBias].element_count()), shared_dims[0],
@@ -688,21 +730,21 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t e_dim = op.e_dim, f_dim = op.f_dim;
   const std::array<int64_t, 2> self_mask_dims{op.t_dim, op.t_dim};
   const std::array<int64_t, 2> memory_mask_dims{op.t_dim, op.s0 + op.s1};
-  const std::array<int64_t, 1> norm_dims{e_dim};
-  bool norms_ok = true;
-  for (int index : {kNorm1Scale, kNorm1Bias, kNorm2Scale, kNorm2Bias, kNorm3Scale, kNorm3Bias}) {
-    norms_ok = norms_ok && p[index].element_type() == ffi::DataType::F32 &&
-               SameDims(p[index].dimensions(), norm_dims);
+  const std::array<int64_t, 1> vector_dims{e_dim};
+  bool vectors_ok = true;  // The LayerNorms' parameters and the cross-attention's bias.
+  for (int index : {kNorm1Scale, kNorm1Bias, kNorm2Scale, kNorm2Bias, kCrossOutBias, kNorm3Scale,
+                    kNorm3Bias}) {
+    vectors_ok = vectors_ok && p[index].element_type() == ffi::DataType::F32 &&
+                 SameDims(p[index].dimensions(), vector_dims);
   }
   const bool bf16 = p[kSelfQkv].element_type() == ffi::DataType::BF16;
-  if (!norms_ok || num_heads <= 0 || e_dim % num_heads != 0 || shared_dims[1] != 2 * e_dim ||
-      batch_dims[0] != op.b_dim || batch_dims[2] != 2 * e_dim ||
+  if (!vectors_ok || num_heads <= 0 || e_dim % num_heads != 0 ||
+      shared_dims[1] != num_heads * (2 * e_dim + 1) || batch_dims[0] != op.b_dim ||
+      batch_dims[2] != shared_dims[1] ||
       !SameDims(self_mask.dimensions(), self_mask_dims) ||
       !SameDims(memory_mask.dimensions(), memory_mask_dims) ||
       !IsPacked(p[kSelfQkv], p[kSelfQkvBias], e_dim, 3 * e_dim, bf16) ||
       !IsPacked(p[kSelfOut], p[kSelfOutBias], e_dim, e_dim, bf16) ||
-      !IsPacked(p[kCrossQ], p[kCrossQBias], e_dim, e_dim, bf16) ||
-      !IsPacked(p[kCrossOut], p[kCrossOutBias], e_dim, e_dim, bf16) ||
       !IsPacked(p[kFfnIn], p[kFfnInBias], e_dim, f_dim, bf16) ||
       !IsPacked(p[kFfnOut], p[kFfnOutBias], f_dim, e_dim, bf16)) {
     return invalid();

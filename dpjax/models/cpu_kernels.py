@@ -1,7 +1,7 @@
 """C++ kernels for the CPU hot paths XLA runs slowly (cpu_kernels.cc), with XLA fallbacks.
 
-Sampling: batch-1 sampling runs the decoder's 48 matmuls on 10 rows per denoising step, so it
-streams its 29 MB of weights 100 times; XLA:CPU's GEMM does that at ~7 GB/s (column panels
+Sampling: batch-1 sampling runs the decoder's 32 matmuls on 10 rows per denoising step, so it
+streams its 25 MB of weights 100 times; XLA:CPU's GEMM does that at ~7 GB/s (column panels
 strided by N). The dense kernel reads each 32-column panel of a pre-packed (N/32, K, 32) kernel
 as one contiguous stream (~20 GB/s here; 25-27 with software prefetch). The attention kernel
 replaces XLA's batched 10 x 64 x 10 GEMMs and head transposes, the LayerNorm kernel XLA's
@@ -268,41 +268,53 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
   return rows.reshape(x.shape)
 
 
-def decoder_layer(x: jax.Array, shared_kv: jax.Array, batch_kv: jax.Array,
+def decoder_layer(x: jax.Array, shared_memory: jax.Array, batch_memory: jax.Array,
                   norms: Sequence[Mapping[str, jax.Array]], dense_layers: Sequence[PackedDense],
-                  num_heads: int, self_mask: Optional[np.ndarray],
+                  cross_out_bias: jax.Array, num_heads: int, self_mask: Optional[np.ndarray],
                   memory_mask: Optional[np.ndarray], epsilon: float) -> jax.Array:
   """One `transformer.DecoderLayer` in eval mode (pre-norm, exact GELU), as one kernel call.
 
-  x: (B, T, E). The cross-attention memory's projected [K | V] rows (2E each): shared_kv
-  (S0, 2E), the same for every sequence, then batch_kv (B, S1, 2E) (S1 may be 0).
+  x: (B, T, E). The cross-attention memory as `transformer.fold_cross_attention` rows (H (2E + 1)
+  float32 each): shared_memory (S0, H (2E + 1)), the same for every sequence, then batch_memory
+  (B, S1, H (2E + 1)) (S1 may be 0).
   norms: norm1, norm2, norm3 LayerNorm params ('scale', 'bias'), (E,).
-  dense_layers: self_qkv (E → 3E), self_out, cross_q, cross_out, ffn_in (E → F), ffn_out
-  (F → E), all packed by `pack_dense` for the kernels in float32, or all in bfloat16: then the
-  layer computes as the bfloat16 module does (bfloat16 products summed in float32, activations
-  rounded to bfloat16; softmax and LayerNorm statistics in float32).
+  dense_layers: self_qkv (E → 3E), self_out, ffn_in (E → F), ffn_out (F → E), all packed by
+  `pack_dense` for the kernels in float32, or all in bfloat16: then the layer computes as the
+  bfloat16 module does (bfloat16 products summed in float32, activations rounded to bfloat16;
+  softmax and LayerNorm statistics in float32).
+  cross_out_bias: (E,) the cross-attention out-projection's bias.
   self_mask: (T, T), memory_mask: (T, S0 + S1) bool, True = may attend, or None (all).
   Returns the layer's output, (B, T, E) float32 (bfloat16 numbers in bfloat16). Needs
   `enabled(jnp.float32)`.
   """
   b, t, e = x.shape
-  s = shared_kv.shape[0] + batch_kv.shape[1]
+  s = shared_memory.shape[0] + batch_memory.shape[1]
+  row = num_heads * (2 * e + 1)
   panel_ranks = {layer.kernel.ndim for layer in dense_layers}
-  if len(norms) != 3 or len(dense_layers) != 6 or panel_ranks not in ({3}, {4}) or (
-      shared_kv.shape[1:] != (2 * e,) or batch_kv.shape[::2] != (b, 2 * e)):
+  if len(norms) != 3 or len(dense_layers) != 4 or panel_ranks not in ({3}, {4}) or (
+      shared_memory.shape[1:] != (row,) or batch_memory.shape[::2] != (b, row)) or (
+      cross_out_bias.shape != (e,)):
     raise ValueError(
-        'cpu_kernels.decoder_layer: expected x (B, T, E), shared_kv (S0, 2E), batch_kv '
-        '(B, S1, 2E), 3 LayerNorms and 6 Dense layers all packed for the kernels, got x '
-        f'{x.shape}, shared_kv {shared_kv.shape}, batch_kv {batch_kv.shape}, {len(norms)} '
-        f'norms, {len(dense_layers)} dense layers with kernels of rank {sorted(panel_ranks)}')
+        'cpu_kernels.decoder_layer: expected x (B, T, E), shared_memory (S0, H (2E + 1)), '
+        'batch_memory (B, S1, H (2E + 1)), 3 LayerNorms, 4 Dense layers all packed for the '
+        f'kernels and cross_out_bias (E,), with H = {num_heads} heads; got x {x.shape}, '
+        f'shared_memory {shared_memory.shape}, batch_memory {batch_memory.shape}, {len(norms)} '
+        f'norms, {len(dense_layers)} dense layers with kernels of rank {sorted(panel_ranks)}, '
+        f'cross_out_bias {cross_out_bias.shape}')
   f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-  parameters = []
-  for norm, layers in zip(norms, (dense_layers[:2], dense_layers[2:4], dense_layers[4:])):
-    parameters += [f32(norm['scale']), f32(norm['bias'])]
-    parameters += [a for layer in layers for a in (layer.kernel, f32(layer.bias))]
+
+  def packed(layer):
+    return [layer.kernel, f32(layer.bias)]
+
+  def norm(params):
+    return [f32(params['scale']), f32(params['bias'])]
+
+  self_qkv, self_out, ffn_in, ffn_out = dense_layers
+  parameters = [*norm(norms[0]), *packed(self_qkv), *packed(self_out), *norm(norms[1]),
+                f32(cross_out_bias), *norm(norms[2]), *packed(ffn_in), *packed(ffn_out)]
   call = jax.ffi.ffi_call(_DECODER_LAYER_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
                           vmap_method='sequential')
-  return call(f32(x), f32(shared_kv), f32(batch_kv),
+  return call(f32(x), f32(shared_memory), f32(batch_memory),
               _mask_or_all(self_mask, (t, t), 'decoder_layer'),
               _mask_or_all(memory_mask, (t, s), 'decoder_layer'), *parameters,
               num_heads=np.int64(num_heads), epsilon=np.float32(epsilon))

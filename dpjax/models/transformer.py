@@ -310,11 +310,10 @@ class TransformerForDiffusion(nn.Module):
 
 
 class CachedDecoderLayer(NamedTuple):
-  """One decoder layer's Dense weights, packed for this backend by `cpu_kernels.pack_dense`."""
+  """One decoder layer's Dense weights, packed for this backend by `cpu_kernels.pack_dense`
+  (the cross-attention's projections are folded into its memory rows instead)."""
   self_qkv: cpu_kernels.PackedDense  # Self-attention in-projection, E → 3E.
   self_out: cpu_kernels.PackedDense
-  cross_q: cpu_kernels.PackedDense  # Cross-attention query projection (first E columns).
-  cross_out: cpu_kernels.PackedDense
   ffn_in: cpu_kernels.PackedDense
   ffn_out: cpu_kernels.PackedDense
 
@@ -323,13 +322,12 @@ class DecoderConstants(NamedTuple):
   """What `cached_denoise` takes from the parameters alone (decoder mode), for one sampler.
 
   With the token-wise condition encoder (n_cond_layers = 0) a memory row depends only on its own
-  condition token, so the time token's cross-attention keys and values depend only on the
-  timestep: a table over the sampler's timesteps. The decoder's Dense weights are packed for the
-  CPU kernel (`cpu_kernels`). [K | V] arrays are in the model's dtype, or float32 (holding its
-  values) for the layer kernel. Built once per call of the sampler, or once per parameters
-  (`DiffusionPolicy.sampling_variables`).
+  condition token, so the time token's row of every layer's cross-attention
+  (`fold_cross_attention`) depends only on the timestep: a table over the sampler's timesteps.
+  The decoder's Dense weights are packed for the CPU kernel (`cpu_kernels`). Built once per call
+  of the sampler, or once per parameters (`DiffusionPolicy.sampling_variables`).
   """
-  time_kv: jax.Array  # (n_steps, n_layer, 2E): cross-attention [K | V] of the time row per step.
+  time_memory: jax.Array  # (n_steps, n_layer, H (2E + 1)) float32: the time row, folded.
   input_emb: cpu_kernels.PackedDense
   layers: tuple[CachedDecoderLayer, ...]
   head: cpu_kernels.PackedDense
@@ -350,16 +348,14 @@ def _normalize(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Arra
   return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype).apply({'params': p}, x)
 
 
-def _packed_layer(p: Mapping[str, Any], e: int, dtype: Any) -> CachedDecoderLayer:
+def _packed_layer(p: Mapping[str, Any], dtype: Any) -> CachedDecoderLayer:
   def pack(kernel, bias):
     return cpu_kernels.pack_dense(kernel, bias, dtype)
 
-  self_attn, cross_attn = p['self_attn'], p['multihead_attn']
+  self_attn = p['self_attn']
   return CachedDecoderLayer(
       self_qkv=pack(self_attn['in_proj_kernel'], self_attn['in_proj_bias']),
       self_out=pack(**self_attn['out_proj']),
-      cross_q=pack(cross_attn['in_proj_kernel'][:, :e], cross_attn['in_proj_bias'][:e]),
-      cross_out=pack(**cross_attn['out_proj']),
       ffn_in=pack(**p['ffn']['linear1']),
       ffn_out=pack(**p['ffn']['linear2']))
 
@@ -371,17 +367,62 @@ def _condition_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
   return _linear(params['cond_encoder_fc2'], hidden, model.dtype)
 
 
-def _memory_kv(model: TransformerForDiffusion, params: Mapping[str, Any],
-               memory: jax.Array) -> jax.Array:
-  """(..., E) memory rows → (n_layer, ..., 2E): every layer's cross-attention [K | V]."""
-  e, dtype = model.n_emb, model.dtype
+def fold_cross_attention(attn_params: Mapping[str, Any], memory: jax.Array, num_heads: int,
+                         dtype: Any) -> jax.Array:
+  """Memory rows (..., E) → (..., H (2E + 1)) float32: [score (H, E) | value (H, E) | offset (H)].
 
-  def kv(attn_params):
-    kernel = attn_params['in_proj_kernel'][:, e:].astype(dtype)
-    return memory @ kernel + attn_params['in_proj_bias'][e:].astype(dtype)
+  For a fixed memory row s, head h's cross-attention logit of a normalized query row y is
+  (y Wq_h + bq_h) · k_h(s) / √d = y · score_h(s) + offset_h(s), and the row's share of the
+  output is its softmax weight times v_h(s) Wo_h = value_h(s). Folding the query and out
+  projections into the memory (which is the same at every denoising step) leaves each step a
+  dot product and an axpy of E floats per head and row in place of two E × E matmuls
+  (SPEC §5's decoder at batch 1 then streams 25 MB of weights a step instead of 29).
+  K and V are projected in `dtype`, as `MultiheadAttention` computes them; the folding
+  products are float32 at full precision.
+  """
+  e = memory.shape[-1]
+  d = e // num_heads
+  kernel = attn_params['in_proj_kernel'].astype(dtype)
+  bias = attn_params['in_proj_bias'].astype(dtype)
+  memory = memory.astype(dtype)
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  heads = memory.shape[:-1] + (num_heads, d)
+  keys = f32(memory @ kernel[:, e:2 * e] + bias[e:2 * e]).reshape(heads) / math.sqrt(d)
+  values = f32(memory @ kernel[:, 2 * e:] + bias[2 * e:]).reshape(heads)
+  highest = jax.lax.Precision.HIGHEST
+  score = jnp.einsum('ehd,...hd->...he', f32(kernel[:, :e]).reshape(e, num_heads, d), keys,
+                     precision=highest)
+  out_kernel = f32(attn_params['out_proj']['kernel'].astype(dtype)).reshape(num_heads, d, e)
+  value = jnp.einsum('...hd,hde->...he', values, out_kernel, precision=highest)
+  offset = jnp.einsum('hd,...hd->...h', f32(bias[:e]).reshape(num_heads, d), keys,
+                      precision=highest)
+  rows = memory.shape[:-1] + (num_heads * e,)
+  return jnp.concatenate([score.reshape(rows), value.reshape(rows), offset], axis=-1)
 
-  return jnp.stack([kv(params[f'decoder_layers_{i}']['multihead_attn'])
-                    for i in range(model.n_layer)])
+
+def _folded_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
+                   memory: jax.Array) -> jax.Array:
+  """(..., E) memory rows → (n_layer, ..., H (2E + 1)): every layer's `fold_cross_attention`."""
+  return jnp.stack([
+      fold_cross_attention(params[f'decoder_layers_{i}']['multihead_attn'], memory, model.n_head,
+                           model.dtype) for i in range(model.n_layer)])
+
+
+def _attend_folded(y: jax.Array, rows: jax.Array, out_bias: jax.Array, num_heads: int,
+                   mask: Optional[np.ndarray]) -> jax.Array:
+  """Cross-attention of normalized queries y (B, T, E) on `fold_cross_attention` rows
+  (B, S, H (2E + 1)), out-projection bias included → (B, T, E) float32."""
+  b, s = rows.shape[:2]
+  e = y.shape[-1]
+  score = rows[..., :num_heads * e].reshape(b, s, num_heads, e)
+  value = rows[..., num_heads * e:2 * num_heads * e].reshape(b, s, num_heads, e)
+  offset = rows[..., 2 * num_heads * e:]
+  logits = jnp.einsum('bte,bshe->bhts', y.astype(jnp.float32), score) + jnp.moveaxis(
+      offset, 1, 2)[:, :, None, :]
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bhts,bshe->bte', weights, value) + out_bias.astype(jnp.float32)
 
 
 def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
@@ -400,23 +441,18 @@ def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
   time_tokens = sinusoidal_time_embedding(jnp.asarray(timesteps), e).astype(dtype)
   time_memory = _condition_memory(model, params,
                                   time_tokens + params['cond_pos_emb'][0, 0].astype(dtype))
-  time_kv = jnp.moveaxis(_memory_kv(model, params, time_memory), 0, 1)
-  packed_layers = tuple(_packed_layer(params[f'decoder_layers_{i}'], e, dtype)
-                        for i in range(model.n_layer))
-  if _on_layer_kernel(packed_layers):
-    # The layer kernel reads float32 (values of `dtype`): converted once here, not every step.
-    time_kv = time_kv.astype(jnp.float32)
   return DecoderConstants(
-      time_kv=time_kv,
+      time_memory=jnp.moveaxis(_folded_memory(model, params, time_memory), 0, 1),
       input_emb=cpu_kernels.pack_dense(**params['input_emb'], dtype=dtype),
-      layers=packed_layers,
+      layers=tuple(_packed_layer(params[f'decoder_layers_{i}'], dtype)
+                   for i in range(model.n_layer)),
       head=cpu_kernels.pack_dense(**params['head'], dtype=dtype))
 
 
-def observation_kv(model: TransformerForDiffusion, params: Mapping[str, Any],
-                   constants: DecoderConstants, cond: Optional[jax.Array]) -> Optional[jax.Array]:
-  """The observation rows' cross-attention [K | V] for `cached_denoise`, computed once per
-  sampling call: (n_layer, B, To, 2E) in `constants.time_kv`'s dtype for cond (B, To,
+def observation_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
+                       cond: Optional[jax.Array]) -> Optional[jax.Array]:
+  """The observation rows of every layer's folded cross-attention memory for `cached_denoise`,
+  computed once per sampling call: (n_layer, B, To, H (2E + 1)) float32 for cond (B, To,
   cond_dim) when model.obs_as_cond, else None."""
   if not model.obs_as_cond:
     return None
@@ -424,13 +460,12 @@ def observation_kv(model: TransformerForDiffusion, params: Mapping[str, Any],
   dtype = model.dtype
   tokens = _linear(params['cond_obs_emb'], cond, dtype) + params['cond_pos_emb'][0, 1:].astype(
       dtype)
-  kv = _memory_kv(model, params, _condition_memory(model, params, tokens))
-  return kv.astype(constants.time_kv.dtype)
+  return _folded_memory(model, params, _condition_memory(model, params, tokens))
 
 
 def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
   """Whether `cached_denoise` runs these layers on `cpu_kernels.decoder_layer`: one kernel call
-  per layer where the weights are packed for the kernels (at batch 1 the layer's eleven steps
+  per layer where the weights are packed for the kernels (at batch 1 the layer's nine steps
   take microseconds apiece; as separate calls the pool's wake-ups and XLA's small ops between
   them cost as much as the work)."""
   return cpu_kernels.enabled(jnp.float32) and all(
@@ -438,19 +473,19 @@ def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
 
 
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
-                   constants: DecoderConstants, obs_kv: Optional[jax.Array], sample: jax.Array,
-                   step: jax.Array) -> jax.Array:
+                   constants: DecoderConstants, obs_memory: Optional[jax.Array],
+                   sample: jax.Array, step: jax.Array) -> jax.Array:
   """`model.apply({'params': params}, sample, timesteps[step], cond)` in eval mode, from
-  `decoder_constants(model, params, timesteps)` and `observation_kv(..., cond)`.
+  `decoder_constants(model, params, timesteps)` and `observation_memory(..., cond)`.
 
   sample (B, t, input_dim); step: int32 scalar index into the constants' timesteps.
   Returns (B, t, output_dim) float32.
   """
   chex.assert_rank(sample, 3)
   b, t = sample.shape[:2]
-  if obs_kv is not None:
-    chex.assert_axis_dimension(obs_kv, 1, b)
-  e, dtype, h = model.n_emb, model.dtype, model.n_head
+  if obs_memory is not None:
+    chex.assert_axis_dimension(obs_memory, 1, b)
+  dtype, h = model.dtype, model.n_head
   self_mask, memory_mask = attention_masks(model.num_tokens, model.num_cond_tokens)
   tgt_mask = self_mask[:t, :t] if model.causal_attn else None
   mem_mask = memory_mask[:t] if model.causal_attn and model.obs_as_cond else None
@@ -470,29 +505,27 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
     normalize = functools.partial(_normalize, dtype=dtype)
 
   x = cpu_kernels.dense(constants.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
-  time_kv = constants.time_kv[step]
+  time_memory = constants.time_memory[step]
+  if obs_memory is None:
+    obs_memory = jnp.zeros((len(constants.layers), b, 0, time_memory.shape[-1]))
   layer_params = [params[f'decoder_layers_{i}'] for i in range(len(constants.layers))]
   if _on_layer_kernel(constants.layers):
     # Float32 between the kernel's layers (bfloat16 numbers in bfloat16): no conversions.
-    if obs_kv is None:
-      obs_kv = jnp.zeros((len(constants.layers), b, 0, 2 * e))
     x = x.astype(jnp.float32)
-    for p, dense, shared_kv, batch_kv in zip(layer_params, constants.layers, time_kv, obs_kv):
-      x = cpu_kernels.decoder_layer(x, shared_kv[None], batch_kv,
-                                    [p['norm1'], p['norm2'], p['norm3']], dense, h, tgt_mask,
-                                    mem_mask, LAYER_NORM_EPS)
+    for p, dense, shared, own in zip(layer_params, constants.layers, time_memory, obs_memory):
+      x = cpu_kernels.decoder_layer(x, shared[None], own, [p['norm1'], p['norm2'], p['norm3']],
+                                    dense, p['multihead_attn']['out_proj']['bias'], h,
+                                    tgt_mask, mem_mask, LAYER_NORM_EPS)
     x = x.astype(dtype)
   else:
-    for i, (p, dense) in enumerate(zip(layer_params, constants.layers)):
+    for p, dense, shared, own in zip(layer_params, constants.layers, time_memory, obs_memory):
       y = normalize(p['norm1'], x)
       q, k, v = jnp.split(cpu_kernels.dense(dense.self_qkv, y), 3, axis=-1)
       x = x + cpu_kernels.dense(dense.self_out, attend(q, k, v, mask=tgt_mask))
       y = normalize(p['norm2'], x)
-      kv = jnp.broadcast_to(time_kv[i], (b, 1, 2 * e))
-      if obs_kv is not None:
-        kv = jnp.concatenate([kv, obs_kv[i]], axis=1)
-      out = attend(cpu_kernels.dense(dense.cross_q, y), kv[..., :e], kv[..., e:], mask=mem_mask)
-      x = x + cpu_kernels.dense(dense.cross_out, out)
+      rows = jnp.concatenate([jnp.broadcast_to(shared, (b, 1, shared.shape[-1])), own], axis=1)
+      x = x + _attend_folded(y, rows, p['multihead_attn']['out_proj']['bias'], h,
+                             mem_mask).astype(dtype)
       y = normalize(p['norm3'], x)
       hidden = jax.nn.gelu(cpu_kernels.dense(dense.ffn_in, y), approximate=False)
       x = x + cpu_kernels.dense(dense.ffn_out, hidden)
