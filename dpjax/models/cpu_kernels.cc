@@ -283,6 +283,29 @@ bool AmxPermitted() {
   return permitted;
 }
 
+// Tiles 0, 1: the sums of a panel's two 16-column halves for `rows` rows of x, zeroed; 2: x's
+// rows (16 k-pairs); 3, 4: the halves' weights for those k-pairs, rows kPanelRowBytes apart.
+constexpr int64_t kPanelRowBytes = 2 * kPanelWidth * sizeof(uint16_t);
+
+void StartPanelTiles(int rows) {
+  TileConfig config{};
+  config.palette = 1;
+  for (int tile : {0, 1, 2}) {
+    config.rows[tile] = rows;
+    config.bytes_per_row[tile] = 64;
+  }
+  for (int tile : {3, 4}) {
+    config.rows[tile] = kAmxPairs;
+    config.bytes_per_row[tile] = 64;
+  }
+  // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of `config`, which let it drop
+  // the stores above as dead (a crash in the tile loads): the barrier keeps all 64.
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+}
+
 template <int kRows>
 void PanelBlockAmx(const uint16_t* x, const uint16_t* panel, float* y, int64_t k_pairs,
                    int64_t n_dim, int64_t m0, int64_t col) {
@@ -290,22 +313,8 @@ void PanelBlockAmx(const uint16_t* x, const uint16_t* panel, float* y, int64_t k
     PanelBlockBf16<kRows>(x, panel, y, k_pairs, n_dim, m0, col);
     return;
   }
-  // Tiles 0, 1: the sums of the panel's two 16-column halves; 2: x; 3, 4: the halves' weights.
-  TileConfig config{};
-  config.palette = 1;
-  for (int tile : {0, 1, 2}) {
-    config.rows[tile] = kRows;
-    config.bytes_per_row[tile] = 64;
-  }
-  for (int tile : {3, 4}) {
-    config.rows[tile] = kAmxPairs;
-    config.bytes_per_row[tile] = 64;
-  }
-  _tile_loadconfig(&config);
-  _tile_zero(0);
-  _tile_zero(1);
+  StartPanelTiles(kRows);
   const uint16_t* rows = x + m0 * 2 * k_pairs;
-  constexpr int64_t kPanelRowBytes = 2 * kPanelWidth * sizeof(uint16_t);
   for (int64_t k = 0; k < k_pairs; k += kAmxPairs) {
     _tile_loadd(2, rows + 2 * k, 2 * k_pairs * sizeof(uint16_t));
     _tile_loadd(3, panel + k * 2 * kPanelWidth, kPanelRowBytes);
@@ -944,11 +953,67 @@ void ConvBlockBf16(const uint16_t* const* rows, uint16_t* const* outs, const uin
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// ConvBlockBf16 on AMX tiles (PanelBlockAmx): a pixel's segment is not at a fixed stride from
+// the next one's, so each 16 k-pairs of the rows are copied into a tile-shaped buffer first
+// (zero past the taps' range, whose weights then come from a zero-padded copy as well).
+template <int kRows>
+void ConvBlockAmx(const uint16_t* const* rows, uint16_t* const* outs, const uint16_t* panel,
+                  const Taps& taps, int64_t length, int64_t row_stride) {
+  if (!AmxPermitted()) {
+    ConvBlockBf16<kRows>(rows, outs, panel, taps, length, row_stride);
+    return;
+  }
+  constexpr int64_t kChunk = 2 * kAmxPairs;  // Values of a segment per tile step.
+  alignas(64) uint16_t x_tile[kRows * kChunk];
+  alignas(64) uint16_t tail_weights[kAmxPairs * 2 * kPanelWidth];
+  alignas(64) float sums[kRows * kPanelWidth];
+  StartPanelTiles(kRows);
+  for (int64_t ky = taps.ky_begin; ky < taps.ky_end; ++ky) {
+    const uint16_t* weights = panel + ky * length * kPanelWidth;
+    for (int64_t j = taps.j_begin; j < taps.j_end; j += kChunk) {
+      const int64_t count = std::min(kChunk, taps.j_end - j);
+      for (int i = 0; i < kRows; ++i) {
+        const uint16_t* segment = rows[i] + ky * row_stride + j;
+        std::copy(segment, segment + count, x_tile + i * kChunk);
+        std::fill(x_tile + i * kChunk + count, x_tile + (i + 1) * kChunk, uint16_t{0});
+      }
+      const uint16_t* w = weights + j * kPanelWidth;
+      if (count < kChunk) {
+        std::copy(w, w + count * kPanelWidth, tail_weights);
+        std::fill(tail_weights + count * kPanelWidth, std::end(tail_weights), uint16_t{0});
+        w = tail_weights;
+      }
+      _tile_loadd(2, x_tile, kChunk * sizeof(uint16_t));
+      _tile_loadd(3, w, kPanelRowBytes);
+      _tile_loadd(4, w + kPanelWidth, kPanelRowBytes);
+      _tile_dpbf16ps(0, 2, 3);
+      _tile_dpbf16ps(1, 2, 4);
+    }
+  }
+  _tile_stored(0, sums, kPanelWidth * sizeof(float));
+  _tile_stored(1, sums + 16, kPanelWidth * sizeof(float));
+  _tile_release();
+  // Rounded to nearest even, as XLA converts.
+  for (int i = 0; i < kRows; ++i) {
+    const __m512 lo = _mm512_load_ps(sums + i * kPanelWidth);
+    const __m512 hi = _mm512_load_ps(sums + i * kPanelWidth + 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[i]), (__m256i)_mm512_cvtneps_pbh(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[i] + 16), (__m256i)_mm512_cvtneps_pbh(hi));
+  }
+}
+#endif
+
 using ConvBlockBf16Fn = void (*)(const uint16_t* const*, uint16_t* const*, const uint16_t*,
                                  const Taps&, int64_t, int64_t);
 
-constexpr auto kConvBlocksBf16 =
-    BlockTable<ConvBlockBf16Fn>([](auto rows) { return &ConvBlockBf16<rows>; });
+constexpr auto kConvBlocksBf16 = BlockTable<ConvBlockBf16Fn>([](auto rows) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return &ConvBlockAmx<rows>;
+#else
+  return &ConvBlockBf16<rows>;
+#endif
+});
 #endif
 
 // Kernel-gradient rows [0, kRows) of `dw` (a 12-float stretch of one kernel row's segment, which
