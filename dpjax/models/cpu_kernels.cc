@@ -24,7 +24,7 @@
 //
 // DpjaxPackedDenseBf16, DpjaxConvBf16, DpjaxConvKernelGradBf16: DpjaxPackedDense, DpjaxConv
 // and DpjaxConvKernelGrad for mixed precision (bfloat16 operands, float32 sums), where the CPU
-// has AVX512-BF16; the dense blocks on AMX tiles where it has those too.
+// has AVX512-BF16; the dense and forward convolution blocks on AMX tiles where it has those.
 //
 // All but those are float32; all share their work out over XLA's intra-op thread pool.
 // docs/performance.md has the measurements.
