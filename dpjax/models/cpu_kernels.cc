@@ -283,6 +283,14 @@ bool AmxPermitted() {
   return permitted;
 }
 
+// GCC 12's tile intrinsics under-declare what they read (ldtilecfg an 8-byte operand, tileloadd
+// none), so stores to a buffer a tile instruction then reads may be dropped as dead or moved past
+// it: with the configuration built in a helper the tile loads crashed. Called between the two
+// with the buffers, so that their addresses escape to it and its memory clobber covers them.
+inline void KeepStoresForTiles(const void* buffer, const void* other = nullptr) {
+  asm volatile("" : : "r"(buffer), "r"(other) : "memory");
+}
+
 // Tiles 0, 1: the sums of a panel's two 16-column halves for `rows` rows of x, zeroed; 2: x's
 // rows (16 k-pairs); 3, 4: the halves' weights for those k-pairs, rows kPanelRowBytes apart.
 constexpr int64_t kPanelRowBytes = 2 * kPanelWidth * sizeof(uint16_t);
@@ -298,9 +306,7 @@ void StartPanelTiles(int rows) {
     config.rows[tile] = kAmxPairs;
     config.bytes_per_row[tile] = 64;
   }
-  // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of `config`, which let it drop
-  // the stores above as dead (a crash in the tile loads): the barrier keeps all 64.
-  asm volatile("" : : "r"(&config) : "memory");
+  KeepStoresForTiles(&config);
   _tile_loadconfig(&config);
   _tile_zero(0);
   _tile_zero(1);
@@ -984,6 +990,7 @@ void ConvBlockAmx(const uint16_t* const* rows, uint16_t* const* outs, const uint
         std::fill(tail_weights + count * kPanelWidth, std::end(tail_weights), uint16_t{0});
         w = tail_weights;
       }
+      KeepStoresForTiles(x_tile, w);
       _tile_loadd(2, x_tile, kChunk * sizeof(uint16_t));
       _tile_loadd(3, w, kPanelRowBytes);
       _tile_loadd(4, w + kPanelWidth, kPanelRowBytes);
