@@ -354,6 +354,11 @@ def test_conv2d_cpu_kernels_matches_xla_forward_and_gradients(x_shape, kernel_sh
     ((2, 9, 9, 6), (1, 1, 6, 32), 1),  # Input gradient from XLA: 6 channels.
     ((3, 20, 20, 3), (7, 7, 3, 64), 2),  # The stem: RGB, one zero channel added.
     ((2, 19, 19, 16), (3, 3, 16, 16), 1),  # conv2d only: half a panel of output channels.
+    # 16 images or more: on AMX tiles where the CPU has them (blocks of 16 images and a rest;
+    # the kernel gradient's pairs in blocks of 16, the last one short, summed in 4 chunks).
+    ((35, 17, 17, 32), (3, 3, 32, 64), 1),
+    ((18, 9, 9, 64), (3, 3, 64, 32), 2),
+    ((3, 5, 3, 48), (1, 1, 48, 64), 1),  # 45 pixels as images; 48 channels: a lone row tile.
 ])
 def test_bfloat16_conv_and_gradients_sum_exact_products(x_shape, kernel_shape, stride):
   """bfloat16 operands: their products are exact in float32, so the kernels' float32 sums equal

@@ -876,7 +876,11 @@ struct ConvGeometry {
   // The taps inside the image for the run holding place q (all taps outside position order).
   Taps TapsAt(int64_t q) const {
     if (!PositionMajor()) return {0, kh, 0, SegmentLength()};
-    const int64_t position = q / n, oy = position / wo, ox = position % wo;
+    return TapsAtPosition(q / n);
+  }
+  // The taps inside the image for output position `position` (row-major into (Ho, Wo)).
+  Taps TapsAtPosition(int64_t position) const {
+    const int64_t oy = position / wo, ox = position % wo;
     auto inside = [this](int64_t origin, int64_t size, int64_t extent) {
       return std::pair<int64_t, int64_t>{std::clamp<int64_t>(pad - origin, 0, size),
                                          std::clamp<int64_t>(extent - pad - origin, 0, size)};
@@ -1141,6 +1145,100 @@ void ConvOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeome
   });
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The bfloat16 convolution on AMX tiles, 16 images at a time (N a multiple of 16, C of 32): an
+// A tile is the 16 images' 32 channels at one place of the input, rows a whole image apart, read
+// in place; a B tile 16 k-pairs of one half of a panel (as PanelBlockAmx's). So one tdpbf16ps
+// sums 32 products for 16 images x 16 output channels at one output position, taps in the zero
+// border skipped (all 16 images share the position), any stride. Two positions x a panel's two
+// halves are the 2 x 2 tiles of sums; rounded to bfloat16 as ConvBlockBf16 does.
+constexpr int64_t kImagesPerTile = 16;
+constexpr int64_t kPositionsPerConvTask = 16;
+
+void ConvAmx(ffi::ThreadPool& pool, const ConvGeometry& g, const uint16_t* x,
+             const uint16_t* panels, int64_t panel_count, uint16_t* y, int64_t n_dim) {
+  const int64_t image_blocks = g.n / kImagesPerTile, pixels = g.ho * g.wo;
+  const int64_t k_dim = g.kh * g.SegmentLength(), image_size = g.hp * g.wp * g.c;
+  const int64_t chunks = (pixels + kPositionsPerConvTask - 1) / kPositionsPerConvTask;
+  ParallelFor(pool, image_blocks * chunks * panel_count, [=, &g](int64_t task) {
+    const int64_t p = task % panel_count, chunk = task / panel_count % chunks;
+    const int64_t block = task / panel_count / chunks;
+    const uint16_t* panel = panels + p * k_dim * kPanelWidth;
+    const uint16_t* images = x + block * kImagesPerTile * image_size;
+    uint16_t* out = y + block * kImagesPerTile * pixels * n_dim + p * kPanelWidth;
+    TileConfig config{};
+    config.palette = 1;
+    for (int tile = 0; tile < 8; ++tile) {
+      config.rows[tile] = kAmxPairs;
+      config.bytes_per_row[tile] = 64;
+    }
+    KeepStoresForTiles(&config);
+    _tile_loadconfig(&config);
+    const int64_t x_stride = image_size * sizeof(uint16_t);
+    alignas(64) float sums[kImagesPerTile * kPanelWidth];
+    const int64_t end = std::min(pixels, (chunk + 1) * kPositionsPerConvTask);
+    for (int64_t q0 = chunk * kPositionsPerConvTask; q0 < end; q0 += 2) {
+      const int64_t count = std::min<int64_t>(2, end - q0);
+      Taps taps[2];
+      const uint16_t* corners[2];
+      Taps all{g.kh, 0, g.SegmentLength(), 0};  // The union of both positions' taps.
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t q = q0 + i;
+        taps[i] = g.TapsAtPosition(q);
+        corners[i] = images + (q / g.wo * g.stride * g.wp + q % g.wo * g.stride) * g.c;
+        all = {std::min(all.ky_begin, taps[i].ky_begin), std::max(all.ky_end, taps[i].ky_end),
+               std::min(all.j_begin, taps[i].j_begin), std::max(all.j_end, taps[i].j_end)};
+      }
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t ky = all.ky_begin; ky < all.ky_end; ++ky) {
+        const uint16_t* weights = panel + ky * g.SegmentLength() * kPanelWidth;
+        for (int64_t j = all.j_begin; j < all.j_end; j += 2 * kAmxPairs) {
+          _tile_loadd(6, weights + j * kPanelWidth, kPanelRowBytes);
+          _tile_loadd(7, weights + j * kPanelWidth + kPanelWidth, kPanelRowBytes);
+          const auto inside = [&](int64_t i) {
+            return ky >= taps[i].ky_begin && ky < taps[i].ky_end && j >= taps[i].j_begin &&
+                   j < taps[i].j_end;
+          };
+          if (inside(0)) {
+            _tile_loadd(4, corners[0] + ky * g.RowStride() + j, x_stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+          }
+          if (count == 2 && inside(1)) {
+            _tile_loadd(5, corners[1] + ky * g.RowStride() + j, x_stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      }
+      const auto write = [&](int64_t i) {  // The sums of position q0 + i, stored in `sums`.
+        for (int64_t image = 0; image < kImagesPerTile; ++image) {
+          uint16_t* row = out + (image * pixels + q0 + i) * n_dim;
+          const float* from = sums + image * kPanelWidth;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(row),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(from)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(from + 16)));
+        }
+      };
+      constexpr int64_t kSumsStride = kPanelWidth * sizeof(float);
+      _tile_stored(0, sums, kSumsStride);
+      _tile_stored(1, sums + 16, kSumsStride);
+      write(0);
+      if (count == 2) {
+        _tile_stored(2, sums, kSumsStride);
+        _tile_stored(3, sums + 16, kSumsStride);
+        write(1);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 // The checks of a conv forward call, then ConvOverPanels with `blocks`; T is float (panels
 // (C_out / 32, K, 32)) or uint16_t bfloat16 (pairs: (C_out / 32, K / 2, 32, 2), C even).
 template <typename T, typename Blocks, typename Buffer, typename Result>
@@ -1164,11 +1262,27 @@ ffi::Error CheckedConv(ffi::ThreadPool& pool, const Blocks& blocks, const Buffer
                      "KH * KW * C / 2, 32, 2)"
                    : "cpu_kernels conv: expected panels (C_out / 32, KH * KW * C, 32)");
   }
-  const ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
-                       y_dims[2], kh,        kw,        stride,    pad};
-  ConvOverPanels(pool, blocks, g, reinterpret_cast<const T*>(x.typed_data()),
-                 reinterpret_cast<const T*>(panels.typed_data()), p_dims[0],
-                 reinterpret_cast<T*>(y->typed_data()), n_dim);
+  ConvGeometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1],
+                 y_dims[2], kh,        kw,        stride,    pad};
+  const T* x_data = reinterpret_cast<const T*>(x.typed_data());
+  const T* panel_data = reinterpret_cast<const T*>(panels.typed_data());
+  T* y_data = reinterpret_cast<T*>(y->typed_data());
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  // bfloat16: 16 images at a time on tiles, any rest of them as below.
+  if (std::is_same_v<T, uint16_t> && g.c % (2 * kAmxPairs) == 0 && g.n >= kImagesPerTile &&
+      AmxPermitted()) {
+    const int64_t tiled = g.n / kImagesPerTile * kImagesPerTile;
+    ConvAmx(pool, ConvGeometry{tiled, g.hp, g.wp, g.c, g.ho, g.wo, kh, kw, stride, pad},
+            reinterpret_cast<const uint16_t*>(x_data),
+            reinterpret_cast<const uint16_t*>(panel_data), p_dims[0],
+            reinterpret_cast<uint16_t*>(y_data), n_dim);
+    x_data += tiled * g.hp * g.wp * g.c;
+    y_data += tiled * g.ho * g.wo * n_dim;
+    g.n -= tiled;
+    if (g.n == 0) return ffi::Error::Success();
+  }
+#endif
+  ConvOverPanels(pool, blocks, g, x_data, panel_data, p_dims[0], y_data, n_dim);
   return ffi::Error::Success();
 }
 
@@ -1209,6 +1323,19 @@ ffi::Error KernelGradGeometry(const ffi::Span<const int64_t>& x_dims,
   *g = ConvGeometry{x_dims[0], x_dims[1], x_dims[2], x_dims[3], dy_dims[1],
                     dy_dims[2], w_dims[0], w_dims[1], stride,    pad};
   return ffi::Error::Success();
+}
+
+// dw += the other chunks' sums of it (chunks - 1 of `size` floats each in `partial`).
+void AddPartials(ffi::ThreadPool& pool, float* dw, const std::vector<float>& partial,
+                 int64_t chunks, int64_t size) {
+  constexpr int64_t kFloatsPerTask = 1 << 14;
+  ParallelFor(pool, (size + kFloatsPerTask - 1) / kFloatsPerTask, [=, &partial](int64_t task) {
+    const int64_t begin = task * kFloatsPerTask, end = std::min(size, begin + kFloatsPerTask);
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* part = partial.data() + (c - 1) * size;
+      for (int64_t i = begin; i < end; ++i) dw[i] += part[i];
+    }
+  });
 }
 
 // dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded as for
@@ -1260,15 +1387,7 @@ void KernelGradOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const Con
       }
     }
   });
-  const int64_t rows_per_task = 64;
-  ParallelFor(pool, (k_dim + rows_per_task - 1) / rows_per_task, [=, &partial](int64_t task) {
-    const int64_t begin = task * rows_per_task * n_dim;
-    const int64_t end = std::min(k_dim, (task + 1) * rows_per_task) * n_dim;
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* part = partial.data() + (c - 1) * k_dim * n_dim;
-      for (int64_t i = begin; i < end; ++i) dw_data[i] += part[i];
-    }
-  });
+  AddPartials(pool, dw_data, partial, chunks, k_dim * n_dim);
 }
 
 ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -1306,6 +1425,216 @@ std::unique_ptr<uint32_t[]> PairImages(ffi::ThreadPool& pool, const uint16_t* va
   return out;
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The bfloat16 kernel gradient on AMX tiles. One tdpbf16ps sums, for 16 rows of dw (16 channels
+// c of one tap) and 16 of its columns (output channels o), the products of 16 image pairs at one
+// output position: its A tile holds x at (position + tap, c) of the 16 pairs, its B tile dy at
+// (position, o), each value the pair's two images side by side (as KernelGradBlockBf16 takes
+// them). So both are laid out once per call in blocks of 16 pairs (PairBlocks): x as
+// (pair block, position, C, 16 pairs) — an A tile is 1 KB in one piece — and dy as (pair block,
+// position, 16 pairs, C_out). Every product is of a real pixel (images past N are zeros), taps
+// in the zero border are skipped (all 16 pairs share the position), and any stride is the same
+// loop. Needs 16 pairs or more to fill the tiles: 1 × 1 stride-1 convolutions count each pixel
+// as an image (PointwiseAsPixels), which any batch fills.
+constexpr int64_t kPairsPerBlock = 16;
+
+// 16 bfloat16 values of two images as 16 pairs (first's in the low 16 bits); zeros past N.
+inline __m512i PairOf16(const uint16_t* first, const uint16_t* second) {
+  if (first == nullptr) return _mm512_setzero_si512();
+  const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first)));
+  if (second == nullptr) return low;
+  const __m512i high = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(second)));
+  return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+}
+
+// rows[i] = column i of the 16 x 16 matrix rows[0..15] of 32-bit values (its transpose).
+inline void Transpose16x16(__m512i rows[16]) {
+  __m512i t[16], u[16];
+  for (int k = 0; k < 16; k += 2) {
+    t[k] = _mm512_unpacklo_epi32(rows[k], rows[k + 1]);
+    t[k + 1] = _mm512_unpackhi_epi32(rows[k], rows[k + 1]);
+  }
+  // u[4k + j], 128-bit lane L: rows 4k .. 4k + 3 of column 4L + j.
+  for (int k = 0; k < 16; k += 4) {
+    u[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
+    u[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
+    u[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
+    u[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i even_top = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);  // Lanes 0, 2.
+    const __m512i odd_top = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);   // Lanes 1, 3.
+    const __m512i even_bottom = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512i odd_bottom = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    rows[j] = _mm512_shuffle_i32x4(even_top, even_bottom, 0x88);
+    rows[8 + j] = _mm512_shuffle_i32x4(even_top, even_bottom, 0xDD);
+    rows[4 + j] = _mm512_shuffle_i32x4(odd_top, odd_bottom, 0x88);
+    rows[12 + j] = _mm512_shuffle_i32x4(odd_top, odd_bottom, 0xDD);
+  }
+}
+
+// values (N, positions, C) bfloat16, C a multiple of 16 → (ceil(N / 32), positions, C, 16)
+// image pairs, or with `pairs_inner` false (ceil(N / 32), positions, 16, C): pair i's place
+// holds values[2i] in its low and values[2i + 1] in its high 16 bits (zero past N).
+std::unique_ptr<uint32_t[]> PairBlocks(ffi::ThreadPool& pool, const uint16_t* values, int64_t n,
+                                       int64_t positions, int64_t c, bool pairs_inner) {
+  const int64_t blocks = (n + 2 * kPairsPerBlock - 1) / (2 * kPairsPerBlock);
+  const int64_t slab = kPairsPerBlock * c;  // One position of one block.
+  std::unique_ptr<uint32_t[]> out(new uint32_t[blocks * positions * slab]);
+  uint32_t* out_data = out.get();
+  constexpr int64_t kPositionsPerTask = 8;
+  const int64_t tasks_per_block = (positions + kPositionsPerTask - 1) / kPositionsPerTask;
+  ParallelFor(pool, blocks * tasks_per_block, [=](int64_t task) {
+    const int64_t block = task / tasks_per_block;
+    const int64_t begin = task % tasks_per_block * kPositionsPerTask;
+    const int64_t end = std::min(positions, begin + kPositionsPerTask);
+    const uint16_t* firsts[kPairsPerBlock];
+    const uint16_t* seconds[kPairsPerBlock];
+    for (int64_t pair = 0; pair < kPairsPerBlock; ++pair) {
+      const int64_t image = 2 * (block * kPairsPerBlock + pair);
+      firsts[pair] = image < n ? values + image * positions * c : nullptr;
+      seconds[pair] = image + 1 < n ? firsts[pair] + positions * c : nullptr;
+    }
+    for (int64_t position = begin; position < end; ++position) {
+      uint32_t* to = out_data + (block * positions + position) * slab;
+      const int64_t from = position * c;
+      for (int64_t c0 = 0; c0 < c; c0 += kPairsPerBlock) {
+        __m512i rows[kPairsPerBlock];
+        for (int64_t pair = 0; pair < kPairsPerBlock; ++pair) {
+          const int64_t at = from + c0;
+          rows[pair] = PairOf16(firsts[pair] ? firsts[pair] + at : nullptr,
+                                seconds[pair] ? seconds[pair] + at : nullptr);
+        }
+        if (pairs_inner) {
+          Transpose16x16(rows);
+          for (int64_t i = 0; i < kPairsPerBlock; ++i) {
+            _mm512_storeu_si512(to + (c0 + i) * kPairsPerBlock, rows[i]);
+          }
+        } else {
+          for (int64_t pair = 0; pair < kPairsPerBlock; ++pair) {
+            _mm512_storeu_si512(to + pair * c + c0, rows[pair]);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// A 1 × 1 stride-1 convolution with each pixel as an image of one pixel.
+ConvGeometry PointwiseAsPixels(const ConvGeometry& g) {
+  if (g.kh != 1 || g.kw != 1 || g.stride != 1 || g.hp != g.ho || g.wp != g.wo) return g;
+  return ConvGeometry{g.Pixels(), 1, 1, g.c, 1, 1, 1, 1, 1, 0};
+}
+
+// Tile blocks (16 pairs at one position) whose products a tile of dw sums between its load and
+// store, so that their A and B tiles stay in cache meanwhile.
+constexpr int64_t kTileBlocksPerStep = 16;
+
+void KernelGradAmx(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* dy,
+                   const ConvGeometry& geometry, float* dw, int64_t n_dim) {
+  const ConvGeometry g = PointwiseAsPixels(geometry);
+  const int64_t positions = g.hp * g.wp, pixels = g.ho * g.wo;
+  const auto x_blocks = PairBlocks(pool, x, g.n, positions, g.c, true);
+  const auto dy_blocks = PairBlocks(pool, dy, g.n, pixels, n_dim, false);
+  KeepStoresForTiles(x_blocks.get(), dy_blocks.get());
+  const int64_t pair_blocks = (g.n + 2 * kPairsPerBlock - 1) / (2 * kPairsPerBlock);
+  const int64_t blocks = pair_blocks * pixels, taps = g.kh * g.kw, k_dim = taps * g.c;
+  // Which taps of each output position fall inside the image (bit ky * KW + kx).
+  std::vector<uint64_t> inside(pixels);
+  for (int64_t q = 0; q < pixels; ++q) {
+    const Taps t = g.TapsAtPosition(q);
+    for (int64_t ky = t.ky_begin; ky < t.ky_end; ++ky) {
+      for (int64_t kx = t.j_begin / g.c; kx < t.j_end / g.c; ++kx) {
+        inside[q] |= uint64_t{1} << (ky * g.kw + kx);
+      }
+    }
+  }
+  const int64_t panels = n_dim / kPanelWidth;
+  const int64_t wanted_tasks = 2 * (pool.num_threads() + 1);
+  const int64_t chunks =
+      std::clamp<int64_t>(blocks * kPairsPerBlock / kGradPixelsPerChunk, 1, wanted_tasks);
+  const int64_t groups = std::min(panels, (wanted_tasks + chunks - 1) / chunks);
+  std::vector<float> partial(static_cast<size_t>((chunks - 1) * k_dim * n_dim));
+  const uint32_t* xs = x_blocks.get();
+  const uint32_t* dys = dy_blocks.get();
+  const uint64_t* inside_data = inside.data();
+  ParallelFor(pool, chunks * groups, [=, &g, &partial](int64_t task) {
+    const int64_t chunk = task / groups, group = task % groups;
+    const int64_t col_begin = group * panels / groups * kPanelWidth;
+    const int64_t col_end = (group + 1) * panels / groups * kPanelWidth;
+    const int64_t block_begin = chunk * blocks / chunks, block_end = (chunk + 1) * blocks / chunks;
+    float* sum = chunk == 0 ? dw : partial.data() + (chunk - 1) * k_dim * n_dim;
+    TileConfig config{};
+    config.palette = 1;
+    for (int tile = 0; tile < 8; ++tile) {
+      config.rows[tile] = kAmxPairs;
+      config.bytes_per_row[tile] = 64;
+    }
+    KeepStoresForTiles(&config);
+    _tile_loadconfig(&config);
+    const int64_t dw_stride = n_dim * sizeof(float), dy_stride = n_dim * sizeof(uint32_t);
+    const int64_t x_stride = kPairsPerBlock * sizeof(uint32_t);
+    int64_t x_offsets[kTileBlocksPerStep];  // Of each block's receptive field's corner.
+    for (int64_t b0 = block_begin; b0 < block_end; b0 += kTileBlocksPerStep) {
+      const int64_t b1 = std::min(block_end, b0 + kTileBlocksPerStep);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t pair_block = b / pixels, q = b % pixels;
+        const int64_t origin = q / g.wo * g.stride * g.wp + q % g.wo * g.stride;
+        x_offsets[b - b0] = (pair_block * positions + origin) * g.c * kPairsPerBlock;
+      }
+      for (int64_t col = col_begin; col < col_end; col += kPanelWidth) {
+        for (int64_t c0 = 0; c0 < g.c; c0 += 2 * kAmxPairs) {
+          const bool two_row_tiles = c0 + kAmxPairs < g.c;
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            float* out = sum + (tap * g.c + c0) * n_dim + col;
+            float* out_lower = out + kAmxPairs * n_dim;
+            if (b0 == block_begin) {
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              _tile_zero(3);
+            } else {
+              _tile_loadd(0, out, dw_stride);
+              _tile_loadd(1, out + 16, dw_stride);
+              if (two_row_tiles) {
+                _tile_loadd(2, out_lower, dw_stride);
+                _tile_loadd(3, out_lower + 16, dw_stride);
+              }
+            }
+            const int64_t tap_offset =
+                ((tap / g.kw) * g.wp + tap % g.kw) * g.c * kPairsPerBlock + c0 * kPairsPerBlock;
+            for (int64_t b = b0; b < b1; ++b) {
+              if (!(inside_data[b % pixels] >> tap & 1)) continue;
+              const uint32_t* grads = dys + b * kPairsPerBlock * n_dim + col;
+              const uint32_t* a = xs + x_offsets[b - b0] + tap_offset;
+              _tile_loadd(4, grads, dy_stride);
+              _tile_loadd(5, grads + 16, dy_stride);
+              _tile_loadd(6, a, x_stride);
+              _tile_dpbf16ps(0, 6, 4);
+              _tile_dpbf16ps(1, 6, 5);
+              if (two_row_tiles) {
+                _tile_loadd(7, a + kAmxPairs * kPairsPerBlock, x_stride);
+                _tile_dpbf16ps(2, 7, 4);
+                _tile_dpbf16ps(3, 7, 5);
+              }
+            }
+            _tile_stored(0, out, dw_stride);
+            _tile_stored(1, out + 16, dw_stride);
+            if (two_row_tiles) {
+              _tile_stored(2, out_lower, dw_stride);
+              _tile_stored(3, out_lower + 16, dw_stride);
+            }
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+  AddPartials(pool, dw, partial, chunks, k_dim * n_dim);
+}
+#endif
+
 // DpjaxConvKernelGradBf16: ConvKernelGrad of bfloat16 x and dy with float32 sums. vdpbf16ps
 // sums over pairs of the reduced axis, here pixels; the pairs are two images' same pixel, so
 // that the x and dy of both sit side by side after one interleaving pass and the pixel
@@ -1321,9 +1650,17 @@ ffi::Error ConvKernelGradBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
     return error;
   }
   const int64_t n = g.n, n_dim = dw->dimensions()[3];
-  const auto x_pairs = PairImages(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), n,
+  const uint16_t* x_data = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const uint16_t* dy_data = reinterpret_cast<const uint16_t*>(dy.typed_data());
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (g.c % kAmxPairs == 0 && AmxPermitted()) {
+    KernelGradAmx(pool, x_data, dy_data, g, dw->typed_data(), n_dim);
+    return ffi::Error::Success();
+  }
+#endif
+  const auto x_pairs = PairImages(pool, x_data, n,
                                   g.hp * g.wp * g.c);
-  const auto dy_pairs = PairImages(pool, reinterpret_cast<const uint16_t*>(dy.typed_data()), n,
+  const auto dy_pairs = PairImages(pool, dy_data, n,
                                    g.ho * g.wo * n_dim);
   g.n = (n + 1) / 2;
   KernelGradOverPanels(pool, kKernelGradBlocksBf16, g, x_pairs.get(), dy_pairs.get(),
