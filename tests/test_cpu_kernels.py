@@ -359,6 +359,7 @@ def test_conv2d_cpu_kernels_matches_xla_forward_and_gradients(x_shape, kernel_sh
     ((35, 17, 17, 32), (3, 3, 32, 64), 1),
     ((18, 9, 9, 64), (3, 3, 64, 32), 2),
     ((3, 5, 3, 48), (1, 1, 48, 64), 1),  # 45 pixels as images; 48 channels: a lone row tile.
+    ((16, 12, 12, 3), (7, 7, 3, 32), 2),  # The stem as 7 x 8 x 4 on AMX tiles (a zero tap).
 ])
 def test_bfloat16_conv_and_gradients_sum_exact_products(x_shape, kernel_shape, stride):
   """bfloat16 operands: their products are exact in float32, so the kernels' float32 sums equal

@@ -125,27 +125,48 @@ def _conv_cpu_kernels(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array
   return _cpu_kernels_forward(x, kernel, stride)[0]
 
 
-def _input_operand(x_padded: jax.Array) -> jax.Array:
-  """x_padded as the C++ kernels take it: in bfloat16, input channels in pairs (a zero channel
-  added to an odd C, e.g. the stem's RGB)."""
-  extra_c = x_padded.shape[-1] % 2 if x_padded.dtype == jnp.bfloat16 else 0
-  return jnp.pad(x_padded, ((0, 0),) * 3 + ((0, extra_c),))
+def _operand_channels(c: int, dtype: Any) -> int:
+  """Input channels as the C++ kernels take them: in pairs for bfloat16 (a zero channel added to
+  an odd C, e.g. the stem's RGB)."""
+  return c + c % 2 if dtype == jnp.bfloat16 else c
+
+
+def _extra_kernel_columns(kernel_shape: tuple[int, ...], dtype: Any) -> int:
+  """Zero taps added to each kernel row where one makes its KW·C values whole steps of the C++
+  kernels' fastest path (`cpu_kernels.kernel_row_multiple`): the stem's 7 × 4 as 8 × 4 on AMX
+  tiles, 8/7 of the products at a multiple of the speed."""
+  multiple = cpu_kernels.kernel_row_multiple(dtype)
+  kw, c = kernel_shape[1], _operand_channels(kernel_shape[2], dtype)
+  return int((kw * c) % multiple != 0 and ((kw + 1) * c) % multiple == 0)
+
+
+def _input_operand(x_padded: jax.Array, kernel_shape: tuple[int, ...],
+                   stride: int) -> jax.Array:
+  """x_padded as the C++ kernels take it with `_kernel_operand(kernel)`: channels as
+  `_operand_channels`, and past the right border zero columns for the extra taps to read."""
+  _, _, wp, c = x_padded.shape
+  kw = kernel_shape[1]
+  extra = _extra_kernel_columns(kernel_shape, x_padded.dtype)
+  extra_w = max(0, ((wp - kw) // stride) * stride + kw + extra - wp) if extra else 0
+  return jnp.pad(x_padded, ((0, 0), (0, 0), (0, extra_w),
+                            (0, _operand_channels(c, x_padded.dtype) - c)))
 
 
 def _kernel_operand(kernel: jax.Array, dtype: Any) -> jax.Array:
   """kernel as the C++ kernels take it for a convolution in `dtype`: output channels in whole
-  panels of 32 (zero columns added, e.g. the cpu variant's 16), input channels matching
-  `_input_operand`."""
+  panels of 32 (zero columns added, e.g. the cpu variant's 16), input channels as
+  `_operand_channels`, and `_extra_kernel_columns` zero taps."""
   c, c_out = kernel.shape[2:]
-  extra_c = c % 2 if dtype == jnp.bfloat16 else 0
-  return jnp.pad(kernel, ((0, 0),) * 2 + ((0, extra_c), (0, -c_out % cpu_kernels.PANEL_WIDTH)))
+  return jnp.pad(kernel, ((0, 0), (0, _extra_kernel_columns(kernel.shape, dtype)),
+                          (0, _operand_channels(c, dtype) - c),
+                          (0, -c_out % cpu_kernels.PANEL_WIDTH)))
 
 
 def _cpu_kernels_forward(x, kernel, stride):
   k = kernel.shape[0]
   x_padded = _pad_same(x, k)
-  y = cpu_kernels.conv(_input_operand(x_padded), _kernel_operand(kernel, x.dtype), stride,
-                       k // 2)
+  y = cpu_kernels.conv(_input_operand(x_padded, kernel.shape, stride),
+                       _kernel_operand(kernel, x.dtype), stride, k // 2)
   return y[..., :kernel.shape[-1]], (x_padded, kernel)
 
 
@@ -154,10 +175,11 @@ def _cpu_kernels_backward(stride, residuals, grad):
   k = kernel.shape[0]
   c, c_out = kernel.shape[2:]
   pad = k // 2
-  x_operand, kernel_operand = _input_operand(x_padded), _kernel_operand(kernel, x_padded.dtype)
+  x_operand = _input_operand(x_padded, kernel.shape, stride)
+  kernel_operand = _kernel_operand(kernel, x_padded.dtype)
   grad_operand = jnp.pad(grad, ((0, 0),) * 3 + ((0, kernel_operand.shape[-1] - c_out),))
   grad_kernel = cpu_kernels.conv_kernel_grad(x_operand, grad_operand, kernel_operand.shape,
-                                             stride, pad)[:, :, :c, :c_out]
+                                             stride, pad)[:, :k, :c, :c_out]
   if stride == 1 and c % cpu_kernels.PANEL_WIDTH == 0:
     # A stride-1 convolution's input gradient is the convolution of the padded output gradient
     # with the kernel mirrored in space and transposed in channels.
@@ -216,7 +238,7 @@ def conv2d_packed(x: jax.Array, panels: jax.Array, kernel_shape: tuple[int, ...]
   """`conv2d(x, kernel, stride, 'cpu_kernels')` from `packed_kernel(kernel, x.dtype)`, forward
   only (no gradient): kernel_shape (k, k, C_in, C_out) is the kernel's."""
   k, _, _, c_out = kernel_shape
-  x_operand = _input_operand(_pad_same(x, k))
+  x_operand = _input_operand(_pad_same(x, k), kernel_shape, stride)
   kernel_operand = jax.eval_shape(functools.partial(_kernel_operand, dtype=x.dtype),
                                   jax.ShapeDtypeStruct(kernel_shape, x.dtype))
   y = cpu_kernels.conv(x_operand, kernel_operand, stride, k // 2, panels=panels)

@@ -1146,11 +1146,12 @@ void ConvOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeome
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// The bfloat16 convolution on AMX tiles, 16 images at a time (N a multiple of 16, C of 32): an
-// A tile is the 16 images' 32 channels at one place of the input, rows a whole image apart, read
-// in place; a B tile 16 k-pairs of one half of a panel (as PanelBlockAmx's). So one tdpbf16ps
-// sums 32 products for 16 images x 16 output channels at one output position, taps in the zero
-// border skipped (all 16 images share the position), any stride. Two positions x a panel's two
+// The bfloat16 convolution on AMX tiles, 16 images at a time (N a multiple of 16, KW·C of 32):
+// an A tile is the 16 images' 32 consecutive values of a kernel row's segment at one place of
+// the input, rows a whole image apart, read in place; a B tile 16 k-pairs of one half of a panel
+// (as PanelBlockAmx's). So one tdpbf16ps sums 32 products for 16 images x 16 output channels at
+// one output position, taps in the zero border skipped (all 16 images share the position; whole
+// kernel rows only where C is not a multiple of 32), any stride. Two positions x a panel's two
 // halves are the 2 x 2 tiles of sums; rounded to bfloat16 as ConvBlockBf16 does.
 constexpr int64_t kImagesPerTile = 16;
 constexpr int64_t kPositionsPerConvTask = 16;
@@ -1185,6 +1186,10 @@ void ConvAmx(ffi::ThreadPool& pool, const ConvGeometry& g, const uint16_t* x,
       for (int64_t i = 0; i < count; ++i) {
         const int64_t q = q0 + i;
         taps[i] = g.TapsAtPosition(q);
+        if (g.c % (2 * kAmxPairs) != 0) {  // Tile steps span taps: whole kernel rows.
+          taps[i].j_begin = 0;
+          taps[i].j_end = g.SegmentLength();
+        }
         corners[i] = images + (q / g.wo * g.stride * g.wp + q % g.wo * g.stride) * g.c;
         all = {std::min(all.ky_begin, taps[i].ky_begin), std::max(all.ky_end, taps[i].ky_end),
                std::min(all.j_begin, taps[i].j_begin), std::max(all.j_end, taps[i].j_end)};
@@ -1269,7 +1274,8 @@ ffi::Error CheckedConv(ffi::ThreadPool& pool, const Blocks& blocks, const Buffer
   T* y_data = reinterpret_cast<T*>(y->typed_data());
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   // bfloat16: 16 images at a time on tiles, any rest of them as below.
-  if (std::is_same_v<T, uint16_t> && g.c % (2 * kAmxPairs) == 0 && g.n >= kImagesPerTile &&
+  if (std::is_same_v<T, uint16_t> && g.SegmentLength() % (2 * kAmxPairs) == 0 &&
+      g.n >= kImagesPerTile &&
       AmxPermitted()) {
     const int64_t tiled = g.n / kImagesPerTile * kImagesPerTile;
     ConvAmx(pool, ConvGeometry{tiled, g.hp, g.wp, g.c, g.ho, g.wo, kh, kw, stride, pad},
@@ -1426,16 +1432,17 @@ std::unique_ptr<uint32_t[]> PairImages(ffi::ThreadPool& pool, const uint16_t* va
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// The bfloat16 kernel gradient on AMX tiles. One tdpbf16ps sums, for 16 rows of dw (16 channels
-// c of one tap) and 16 of its columns (output channels o), the products of 16 image pairs at one
-// output position: its A tile holds x at (position + tap, c) of the 16 pairs, its B tile dy at
-// (position, o), each value the pair's two images side by side (as KernelGradBlockBf16 takes
-// them). So both are laid out once per call in blocks of 16 pairs (PairBlocks): x as
-// (pair block, position, C, 16 pairs) — an A tile is 1 KB in one piece — and dy as (pair block,
-// position, 16 pairs, C_out). Every product is of a real pixel (images past N are zeros), taps
-// in the zero border are skipped (all 16 pairs share the position), and any stride is the same
-// loop. Needs 16 pairs or more to fill the tiles: 1 × 1 stride-1 convolutions count each pixel
-// as an image (PointwiseAsPixels), which any batch fills.
+// The bfloat16 kernel gradient on AMX tiles, for KW·C a multiple of 16. One tdpbf16ps sums, for
+// 16 rows of dw (16 consecutive values of a kernel row's segment: 16 channels of one tap, or for
+// C below 16 several taps') and 16 of its columns (output channels o), the products of 16 image
+// pairs at one output position: its A tile holds those 16 values of x for the 16 pairs, its B
+// tile dy at (position, o), each value the pair's two images side by side (as
+// KernelGradBlockBf16 takes them). So both are laid out once per call in blocks of 16 pairs
+// (PairBlocks): x as (pair block, position, C, 16 pairs) — an A tile is 1 KB in one piece — and
+// dy as (pair block, position, 16 pairs, C_out). Every product is of a real pixel (images past N
+// are zeros), taps in the zero border are skipped (all 16 pairs share the position), and any
+// stride is the same loop. Needs 16 pairs or more to fill the tiles: 1 × 1 stride-1
+// convolutions count each pixel as an image (PointwiseAsPixels), which any batch fills.
 constexpr int64_t kPairsPerBlock = 16;
 
 // 16 bfloat16 values of two images as 16 pairs (first's in the low 16 bits); zeros past N.
@@ -1535,21 +1542,14 @@ void KernelGradAmx(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* dy,
                    const ConvGeometry& geometry, float* dw, int64_t n_dim) {
   const ConvGeometry g = PointwiseAsPixels(geometry);
   const int64_t positions = g.hp * g.wp, pixels = g.ho * g.wo;
-  const auto x_blocks = PairBlocks(pool, x, g.n, positions, g.c, true);
+  // (N, positions, C) as (N, positions · C / 16, 16): the same layout for C below 16.
+  const auto x_blocks = PairBlocks(pool, x, g.n, positions * g.c / kAmxPairs, kAmxPairs, true);
   const auto dy_blocks = PairBlocks(pool, dy, g.n, pixels, n_dim, false);
   KeepStoresForTiles(x_blocks.get(), dy_blocks.get());
   const int64_t pair_blocks = (g.n + 2 * kPairsPerBlock - 1) / (2 * kPairsPerBlock);
-  const int64_t blocks = pair_blocks * pixels, taps = g.kh * g.kw, k_dim = taps * g.c;
-  // Which taps of each output position fall inside the image (bit ky * KW + kx).
-  std::vector<uint64_t> inside(pixels);
-  for (int64_t q = 0; q < pixels; ++q) {
-    const Taps t = g.TapsAtPosition(q);
-    for (int64_t ky = t.ky_begin; ky < t.ky_end; ++ky) {
-      for (int64_t kx = t.j_begin / g.c; kx < t.j_end / g.c; ++kx) {
-        inside[q] |= uint64_t{1} << (ky * g.kw + kx);
-      }
-    }
-  }
+  const int64_t blocks = pair_blocks * pixels, length = g.SegmentLength(), k_dim = g.kh * length;
+  std::vector<Taps> inside(pixels);  // The taps of each output position inside the image.
+  for (int64_t q = 0; q < pixels; ++q) inside[q] = g.TapsAtPosition(q);
   const int64_t panels = n_dim / kPanelWidth;
   const int64_t wanted_tasks = 2 * (pool.num_threads() + 1);
   const int64_t chunks =
@@ -1558,7 +1558,7 @@ void KernelGradAmx(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* dy,
   std::vector<float> partial(static_cast<size_t>((chunks - 1) * k_dim * n_dim));
   const uint32_t* xs = x_blocks.get();
   const uint32_t* dys = dy_blocks.get();
-  const uint64_t* inside_data = inside.data();
+  const Taps* inside_data = inside.data();
   ParallelFor(pool, chunks * groups, [=, &g, &partial](int64_t task) {
     const int64_t chunk = task / groups, group = task % groups;
     const int64_t col_begin = group * panels / groups * kPanelWidth;
@@ -1584,10 +1584,10 @@ void KernelGradAmx(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* dy,
         x_offsets[b - b0] = (pair_block * positions + origin) * g.c * kPairsPerBlock;
       }
       for (int64_t col = col_begin; col < col_end; col += kPanelWidth) {
-        for (int64_t c0 = 0; c0 < g.c; c0 += 2 * kAmxPairs) {
-          const bool two_row_tiles = c0 + kAmxPairs < g.c;
-          for (int64_t tap = 0; tap < taps; ++tap) {
-            float* out = sum + (tap * g.c + c0) * n_dim + col;
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          for (int64_t j = 0; j < length; j += 2 * kAmxPairs) {
+            const bool two_row_tiles = j + kAmxPairs < length;
+            float* out = sum + (ky * length + j) * n_dim + col;
             float* out_lower = out + kAmxPairs * n_dim;
             if (b0 == block_begin) {
               _tile_zero(0);
@@ -1602,12 +1602,15 @@ void KernelGradAmx(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* dy,
                 _tile_loadd(3, out_lower + 16, dw_stride);
               }
             }
-            const int64_t tap_offset =
-                ((tap / g.kw) * g.wp + tap % g.kw) * g.c * kPairsPerBlock + c0 * kPairsPerBlock;
+            const int64_t row_offset = (ky * g.wp * g.c + j) * kPairsPerBlock;
             for (int64_t b = b0; b < b1; ++b) {
-              if (!(inside_data[b % pixels] >> tap & 1)) continue;
+              const Taps& taps = inside_data[b % pixels];
+              if (ky < taps.ky_begin || ky >= taps.ky_end || j >= taps.j_end ||
+                  j + 2 * kAmxPairs <= taps.j_begin) {
+                continue;
+              }
               const uint32_t* grads = dys + b * kPairsPerBlock * n_dim + col;
-              const uint32_t* a = xs + x_offsets[b - b0] + tap_offset;
+              const uint32_t* a = xs + x_offsets[b - b0] + row_offset;
               _tile_loadd(4, grads, dy_stride);
               _tile_loadd(5, grads + 16, dy_stride);
               _tile_loadd(6, a, x_stride);
@@ -1653,7 +1656,8 @@ ffi::Error ConvKernelGradBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   const uint16_t* x_data = reinterpret_cast<const uint16_t*>(x.typed_data());
   const uint16_t* dy_data = reinterpret_cast<const uint16_t*>(dy.typed_data());
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (g.c % kAmxPairs == 0 && AmxPermitted()) {
+  if (g.SegmentLength() % kAmxPairs == 0 && g.hp * g.wp * g.c % kAmxPairs == 0 &&
+      AmxPermitted()) {
     KernelGradAmx(pool, x_data, dy_data, g, dw->typed_data(), n_dim);
     return ffi::Error::Success();
   }
@@ -1851,6 +1855,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DpjaxPackedDenseBf16, PackedDenseBf16,
 extern "C" int DpjaxHasBf16Dense() {
 #ifdef __AVX512BF16__
   return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether the bfloat16 kernels run on AMX tiles (the CPU has them and Linux lets us use them).
+extern "C" int DpjaxHasAmxTiles() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return AmxPermitted() ? 1 : 0;
 #else
   return 0;
 #endif
