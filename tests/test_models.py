@@ -565,6 +565,52 @@ def test_resnet18_group_norm_matches_torch():
                              rtol=1e-4)
 
 
+@pytest.mark.skipif(not cpu_kernels_lib.enabled(jnp.float32), reason='no C++ kernels')
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_group_norm_kernel_sums_match_torch(dtype, monkeypatch):
+  """GroupNorm on the channel-moments kernel (statistics, and the backward pass's sums of dy
+  and dy·x) against torch's GroupNorm and autograd on the same numbers in float64, and the
+  bfloat16 module against its XLA formulation (same float32 arithmetic, other sums)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(0.5, 2.0, (3, 7, 5, 64)), dtype)  # 35 positions: runs of 64 and less.
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), dtype)
+  module = resnet.GroupNorm(4, dtype=dtype)
+  params = {'scale': jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32),
+            'bias': jnp.asarray(rng.standard_normal(64), jnp.float32)}
+
+  def run():
+    apply = lambda p, x: module.apply({'params': p}, x)
+    y, vjp = jax.vjp(jax.jit(apply), params, x)
+    return y, vjp(cotangent)
+
+  assert 'dpjax_channel_moments' in str(jax.make_jaxpr(jax.grad(
+      lambda x: module.apply({'params': params}, x).astype(jnp.float32).sum()))(x))
+  y, (grad_params, grad_x) = run()
+  f64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+  x_t = f64(jnp.asarray(x, jnp.float32)).permute(0, 3, 1, 2).requires_grad_()
+  scale_t, bias_t = f64(params['scale']).requires_grad_(), f64(params['bias']).requires_grad_()
+  y_t = F.group_norm(x_t, 4, scale_t, bias_t, eps=resnet.GROUP_NORM_EPS)
+  (y_t * f64(jnp.asarray(cotangent, jnp.float32)).permute(0, 3, 1, 2)).sum().backward()
+  tolerance = 1e-5 if dtype == jnp.float32 else 2**-7  # bfloat16 outputs: one rounding.
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_t.detach().permute(0, 2, 3, 1),
+                             rtol=tolerance, atol=tolerance)
+  for ours, theirs in ((grad_params['scale'], scale_t.grad), (grad_params['bias'], bias_t.grad),
+                       (grad_x, x_t.grad.permute(0, 2, 3, 1))):
+    scale = float(theirs.abs().max())
+    np.testing.assert_allclose(np.asarray(ours, np.float32), theirs, rtol=tolerance,
+                               atol=tolerance * scale)
+  if dtype == jnp.bfloat16:
+    monkeypatch.setattr(cpu_kernels_lib, 'moments_supported', lambda shape, dtype: False)
+    y_xla, (grad_params_xla, grad_x_xla) = run()
+    f32 = lambda a: np.asarray(a, np.float32)
+    np.testing.assert_allclose(f32(y), f32(y_xla), rtol=2**-7, atol=2**-7)
+    np.testing.assert_allclose(f32(grad_x), f32(grad_x_xla), rtol=2**-7,
+                               atol=2**-7 * np.abs(f32(grad_x_xla)).max())
+    for name in ('scale', 'bias'):
+      np.testing.assert_allclose(grad_params[name], grad_params_xla[name], rtol=1e-4,
+                                 atol=1e-4 * np.abs(grad_params_xla[name]).max())
+
+
 @pytest.mark.parametrize('cpu_kernels', [True, False])
 def test_resnet18_parameter_gradients_match_torch(cpu_kernels, monkeypatch):
   # Paper width, every CPU formulation: with the C++ kernels, every conv runs forward and
@@ -581,9 +627,9 @@ def test_resnet18_parameter_gradients_match_torch(cpu_kernels, monkeypatch):
   images = jax.random.uniform(jax.random.key(1), (2, 68, 68, 3), minval=-1.0, maxval=1.0)
   params = _random_params(jax.eval_shape(model.init, jax.random.key(1), images))['params']
   jaxpr = str(jax.make_jaxpr(model.apply)({'params': params}, images))
-  # The max-pool, and all 20 convs, or stage 1's 4 and the 2 reading stage 1 (the tap GEMMs
-  # are differentiated as they are).
-  assert jaxpr.count('custom_vjp_call') == (1 + 20 if cpu_kernels else 1 + 6)
+  # The max-pool, and all 20 convs and 20 GroupNorms, or stage 1's 4 convs and the 2 reading
+  # stage 1 (the tap GEMMs and XLA's GroupNorm are differentiated as they are).
+  assert jaxpr.count('custom_vjp_call') == (1 + 20 + 20 if cpu_kernels else 1 + 6)
   assert jaxpr.count('dpjax_conv') == (20 if cpu_kernels else 0)
   cotangent = np.random.default_rng(0).normal(size=(2, 3, 3, 512)).astype(np.float32)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, images) * cotangent)))(
