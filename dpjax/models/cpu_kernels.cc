@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <string>
@@ -295,19 +296,27 @@ inline void KeepStoresForTiles(const void* buffer, const void* other = nullptr) 
 // rows (16 k-pairs); 3, 4: the halves' weights for those k-pairs, rows kPanelRowBytes apart.
 constexpr int64_t kPanelRowBytes = 2 * kPanelWidth * sizeof(uint16_t);
 
-void StartPanelTiles(int rows) {
+// Loads the tile configuration: tiles 0, 1, ... of rows[0], rows[1], ... rows of 64 bytes.
+void ConfigureTiles(std::initializer_list<int> rows) {
   TileConfig config{};
   config.palette = 1;
-  for (int tile : {0, 1, 2}) {
-    config.rows[tile] = rows;
-    config.bytes_per_row[tile] = 64;
-  }
-  for (int tile : {3, 4}) {
-    config.rows[tile] = kAmxPairs;
-    config.bytes_per_row[tile] = 64;
+  int tile = 0;
+  for (const int count : rows) {
+    config.rows[tile] = count;
+    config.bytes_per_row[tile++] = 64;
   }
   KeepStoresForTiles(&config);
   _tile_loadconfig(&config);
+}
+
+// The 2 x 2 tiles of float32 sums (0-3) and the four operand tiles (4-7): 16 rows of 64 bytes.
+void ConfigureSquareTiles() {
+  ConfigureTiles({kAmxPairs, kAmxPairs, kAmxPairs, kAmxPairs, kAmxPairs, kAmxPairs, kAmxPairs,
+                  kAmxPairs});
+}
+
+void StartPanelTiles(int rows) {
+  ConfigureTiles({rows, rows, rows, kAmxPairs, kAmxPairs});
   _tile_zero(0);
   _tile_zero(1);
 }
@@ -1167,14 +1176,7 @@ void ConvAmx(ffi::ThreadPool& pool, const ConvGeometry& g, const uint16_t* x,
     const uint16_t* panel = panels + p * k_dim * kPanelWidth;
     const uint16_t* images = x + block * kImagesPerTile * image_size;
     uint16_t* out = y + block * kImagesPerTile * pixels * n_dim + p * kPanelWidth;
-    TileConfig config{};
-    config.palette = 1;
-    for (int tile = 0; tile < 8; ++tile) {
-      config.rows[tile] = kAmxPairs;
-      config.bytes_per_row[tile] = 64;
-    }
-    KeepStoresForTiles(&config);
-    _tile_loadconfig(&config);
+    ConfigureSquareTiles();
     const int64_t x_stride = image_size * sizeof(uint16_t);
     alignas(64) float sums[kImagesPerTile * kPanelWidth];
     const int64_t end = std::min(pixels, (chunk + 1) * kPositionsPerConvTask);
@@ -1565,14 +1567,7 @@ void KernelGradAmx(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* dy,
     const int64_t col_end = (group + 1) * panels / groups * kPanelWidth;
     const int64_t block_begin = chunk * blocks / chunks, block_end = (chunk + 1) * blocks / chunks;
     float* sum = chunk == 0 ? dw : partial.data() + (chunk - 1) * k_dim * n_dim;
-    TileConfig config{};
-    config.palette = 1;
-    for (int tile = 0; tile < 8; ++tile) {
-      config.rows[tile] = kAmxPairs;
-      config.bytes_per_row[tile] = 64;
-    }
-    KeepStoresForTiles(&config);
-    _tile_loadconfig(&config);
+    ConfigureSquareTiles();
     const int64_t dw_stride = n_dim * sizeof(float), dy_stride = n_dim * sizeof(uint32_t);
     const int64_t x_stride = kPairsPerBlock * sizeof(uint32_t);
     int64_t x_offsets[kTileBlocksPerStep];  // Of each block's receptive field's corner.
