@@ -24,10 +24,14 @@
 //
 // DpjaxPackedDenseBf16, DpjaxConvBf16, DpjaxConvKernelGradBf16: DpjaxPackedDense, DpjaxConv
 // and DpjaxConvKernelGrad for mixed precision (bfloat16 operands, float32 sums), where the CPU
-// has AVX512-BF16; the dense and forward convolution blocks on AMX tiles where it has those.
+// has AVX512-BF16. Where it has AMX too, their products run on its tiles: the dense blocks,
+// convolutions of 16 images or more (ConvAmx) and the kernel gradients (KernelGradAmx).
 //
-// All but those are float32; all share their work out over XLA's intra-op thread pool.
-// docs/performance.md has the measurements.
+// DpjaxChannelMoments(Bf16): per-(sample, channel) sums of u and u·v over the positions of
+// (N, P, C) operands: GroupNorm's statistics and its backward pass's sums.
+//
+// All share their work out over XLA's intra-op thread pool. docs/performance.md has the
+// measurements.
 
 #include <algorithm>
 #include <array>

@@ -14,7 +14,8 @@ read straight out of the padded NHWC input (no patches built), at 170-200 GFLOP/
 2-core VM where XLA:CPU runs the forward at 55-100 and the kernel gradients of the
 high-resolution layers at 25-45; conv_ops' 'cpu_kernels' method gives them their autodiff rule.
 Both also run bfloat16 operands (float32 sums) for mixed precision, where the CPU has
-AVX512-BF16 (the dense blocks and forward convolutions on AMX tiles where it has AMX).
+AVX512-BF16 (on AMX tiles where it has AMX: the dense blocks, the convolutions of 16 images or
+more and the kernel gradients). `channel_moments` gives GroupNorm its sums in one pass each.
 docs/performance.md has the measurements.
 
 `pack_dense(kernel, bias, dtype)` chooses the layout for the current backend: packed panels
