@@ -365,6 +365,28 @@ def test_transformer_matches_torch_reference(overrides):
   np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
 
 
+def test_transformer_gradients_with_its_bias_rule_equal_autodiff(monkeypatch):
+  """bfloat16: the Dense layers' and attention projections' own bias gradient (a product with a
+  row of ones) against autodiff of the plain addition, every parameter."""
+  model, params, (sample, timestep, cond) = _small_transformer_with_params(
+      n_cond_layers=1, dtype=jnp.bfloat16)
+  cotangent = np.random.default_rng(0).standard_normal(sample.shape).astype(np.float32)
+
+  def grads():
+    loss = lambda p: jnp.sum(model.apply(p, sample, timestep, cond) * cotangent)
+    return jax.jit(jax.grad(loss))(params)
+
+  ours = grads()
+  monkeypatch.setattr(transformer_lib, '_add_bias_by_rows_product', lambda y, bias: y + bias)
+  theirs = grads()
+  tolerance = 2**-7  # The bias gradients are rounded to bfloat16 once, after other sums.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
+                          jax.tree_util.tree_leaves(theirs)):
+    scale = float(np.abs(b).max())
+    np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter counts (eval_shape: no memory, no compute).
 
