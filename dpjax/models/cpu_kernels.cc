@@ -977,6 +977,14 @@ void ConvBlockBf16(const uint16_t* const* rows, uint16_t* const* outs, const uin
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// out[0:32] = in[0:32] rounded to bfloat16 (to nearest even, as XLA converts).
+inline void StoreRoundedRow(const float* in, uint16_t* out) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
+                      (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in + 16)));
+}
+
 // ConvBlockBf16 on AMX tiles (PanelBlockAmx): a pixel's segment is not at a fixed stride from
 // the next one's, so each 16 k-pairs of the rows are copied into a tile-shaped buffer first
 // (zero past the taps' range, whose weights then come from a zero-padded copy as well).
@@ -1018,13 +1026,7 @@ void ConvBlockAmx(const uint16_t* const* rows, uint16_t* const* outs, const uint
   _tile_stored(0, sums, kPanelWidth * sizeof(float));
   _tile_stored(1, sums + 16, kPanelWidth * sizeof(float));
   _tile_release();
-  // Rounded to nearest even, as XLA converts.
-  for (int i = 0; i < kRows; ++i) {
-    const __m512 lo = _mm512_load_ps(sums + i * kPanelWidth);
-    const __m512 hi = _mm512_load_ps(sums + i * kPanelWidth + 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[i]), (__m256i)_mm512_cvtneps_pbh(lo));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(outs[i] + 16), (__m256i)_mm512_cvtneps_pbh(hi));
-  }
+  for (int i = 0; i < kRows; ++i) StoreRoundedRow(sums + i * kPanelWidth, outs[i]);
 }
 #endif
 
@@ -1227,12 +1229,7 @@ void ConvAmx(ffi::ThreadPool& pool, const ConvGeometry& g, const uint16_t* x,
       }
       const auto write = [&](int64_t i) {  // The sums of position q0 + i, stored in `sums`.
         for (int64_t image = 0; image < kImagesPerTile; ++image) {
-          uint16_t* row = out + (image * pixels + q0 + i) * n_dim;
-          const float* from = sums + image * kPanelWidth;
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(row),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(from)));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(from + 16)));
+          StoreRoundedRow(sums + image * kPanelWidth, out + (image * pixels + q0 + i) * n_dim);
         }
       };
       constexpr int64_t kSumsStride = kPanelWidth * sizeof(float);

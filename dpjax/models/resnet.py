@@ -36,16 +36,20 @@ def group_norm_groups(channels: int) -> int:
 
 
 def _per_channel(values: jax.Array, c: int) -> jax.Array:
-  """(N, G) → (N, 1, 1, C), each group's value for its channels."""
-  return jnp.repeat(values, c // values.shape[1], axis=1).reshape(values.shape[0], 1, 1, c)
+  """(N, G) → (N, C), each group's value for its channels."""
+  return jnp.repeat(values, c // values.shape[1], axis=1)
+
+
+def _inverse_std(mean: jax.Array, mean_sq: jax.Array, epsilon: float) -> jax.Array:
+  return jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + epsilon)
 
 
 def _normalize(x, scale, bias, mean, inv_std, dtype):
   """y = (x - mean)·inv_std·scale + bias as one per-(sample, channel) scale and shift."""
   c = x.shape[-1]
-  a = _per_channel(inv_std, c) * scale.reshape(1, 1, 1, c)
-  b = bias.reshape(1, 1, 1, c) - _per_channel(mean, c) * a
-  return (x.astype(jnp.float32) * a + b).astype(dtype)
+  a = _per_channel(inv_std, c) * scale
+  b = bias - _per_channel(mean, c) * a
+  return (x.astype(jnp.float32) * a[:, None, None] + b[:, None, None]).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -60,7 +64,7 @@ def _group_norm_moments_forward(x, scale, bias, groups, epsilon, dtype):
   count = h * w * c // groups
   mean = sums.reshape(n, groups, c // groups).sum(-1) / count
   mean_sq = sums_sq.reshape(n, groups, c // groups).sum(-1) / count
-  inv_std = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + epsilon)
+  inv_std = _inverse_std(mean, mean_sq, epsilon)
   return _normalize(x, scale, bias, mean, inv_std, dtype), (x, scale, mean, inv_std)
 
 
@@ -74,18 +78,19 @@ def _group_norm_moments_backward(groups, epsilon, dtype, residuals, grad):
   grad_sums, grad_x_sums = cpu_kernels.channel_moments(
       grad.astype(x.dtype).reshape(n, h * w, c), x.reshape(n, h * w, c))
   group_sum = lambda values: values.reshape(n, groups, c // groups).sum(-1)
-  channel_mean, channel_inv_std = _per_channel(mean, c)[:, 0, 0], _per_channel(inv_std, c)[:, 0, 0]
   # Σ dy·x̂ per (sample, channel).
-  grad_normalized_sums = channel_inv_std * (grad_x_sums - channel_mean * grad_sums)
+  grad_normalized_sums = _per_channel(inv_std, c) * (
+      grad_x_sums - _per_channel(mean, c) * grad_sums)
   grad_scale = grad_normalized_sums.sum(0)
   grad_bias = grad_sums.sum(0)
   mean_grad = group_sum(scale * grad_sums) / count  # mean_g(scale·dy), (N, G)
   mean_grad_normalized = group_sum(scale * grad_normalized_sums) / count
   # dx = dy·a + x·b + d per (sample, channel).
-  a = _per_channel(inv_std, c) * scale.reshape(1, 1, 1, c)
+  a = _per_channel(inv_std, c) * scale
   b = _per_channel(-jnp.square(inv_std) * mean_grad_normalized, c)
   d = _per_channel(inv_std * (mean * inv_std * mean_grad_normalized - mean_grad), c)
-  grad_x = grad.astype(jnp.float32) * a + x.astype(jnp.float32) * b + d
+  grad_x = (grad.astype(jnp.float32) * a[:, None, None] +
+            x.astype(jnp.float32) * b[:, None, None] + d[:, None, None])
   return grad_x.astype(x.dtype), grad_scale, grad_bias
 
 
@@ -117,8 +122,7 @@ class GroupNorm(nn.Module):
     grouped = x.astype(jnp.float32).reshape(n, h * w, g, c // g)
     mean = jnp.mean(grouped, axis=(1, 3))
     mean_sq = jnp.mean(jnp.square(grouped), axis=(1, 3))
-    inv_std = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + self.epsilon)
-    return _normalize(x, scale, bias, mean, inv_std, self.dtype)
+    return _normalize(x, scale, bias, mean, _inverse_std(mean, mean_sq, self.epsilon), self.dtype)
 
 
 # On CPU, the convolution formulation per layer (conv_ops; measured in docs/performance.md):
