@@ -289,6 +289,8 @@ def _conv_kernel_grad_float64(x_padded, grad, kernel_shape, stride):
     ((14, 5, 5, 128), (3, 3, 128, 64), 1, 1),  # Stage 3.
     ((12, 10, 10, 64), (3, 3, 64, 64), 2, 1),  # Stride 2 onto 5×5.
     ((3, 5, 6, 32), (3, 3, 32, 32), 2, 1),  # Odd and even sides: 3×3 output, unequal borders.
+    # More images than a kernel-gradient block (512); 12-value blocks of dw spanning two taps.
+    ((520, 2, 2, 8), (3, 3, 8, 32), 1, 1),
 ])
 def test_conv_and_its_kernel_gradient_equal_float64_sums(image_shape, kernel_shape, stride, pad):
   rng = np.random.default_rng(0)

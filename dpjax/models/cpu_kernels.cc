@@ -1347,18 +1347,101 @@ void AddPartials(ffi::ThreadPool& pool, float* dw, const std::vector<float>& par
   });
 }
 
+// KernelGradOverPanels on small maps (ConvGeometry::PositionMajor), whose pixels go position
+// by position: there one position's pixels are a whole image apart in x and dy, at strides
+// (e.g. 50 KB, 18 KB) that map every one of them into the same two sets of the L1 cache, so
+// each patch value and gradient row was a cache miss. Here x and dy are first copied position-
+// major, (Hp·Wp, N, C) and (Ho·Wo, N, C_out), each image's row padded by a cache line so that
+// consecutive images' rows fall into different sets. Tasks own ranges of dw's 12-row blocks
+// with all of their columns: every x line is read by one task, for all 32-column panels.
+constexpr int64_t kRowBlockTasksPerThread = 4;
+
+// Copies `count` rows of `length` values, `stride` apart in `source`, to rows `out_stride` apart.
+template <typename T>
+void CopyRows(const T* source, int64_t stride, int64_t count, int64_t length, T* out,
+              int64_t out_stride) {
+  for (int64_t i = 0; i < count; ++i) {
+    std::copy_n(source + i * stride, length, out + i * out_stride);
+  }
+}
+
+template <typename T, typename Blocks>
+void KernelGradByRowBlocks(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeometry& g,
+                           const T* x_data, const T* dy_data, float* dw_data, int64_t n_dim) {
+  constexpr int64_t kLinePad = 64 / sizeof(T);
+  const int64_t places = g.hp * g.wp, positions = g.ho * g.wo, c = g.c;
+  const int64_t x_row = c + kLinePad, dy_row = n_dim + kLinePad;
+  std::unique_ptr<T[]> x_by_place(new T[places * g.n * x_row]);
+  std::unique_ptr<T[]> dy_by_position(new T[positions * g.n * dy_row]);
+  T* xt = x_by_place.get();
+  T* dyt = dy_by_position.get();
+  ParallelFor(pool, places + positions, [=, &g](int64_t task) {
+    if (task < places) {
+      CopyRows(x_data + task * c, places * c, g.n, c, xt + task * g.n * x_row, x_row);
+    } else {
+      const int64_t position = task - places;
+      CopyRows(dy_data + position * n_dim, positions * n_dim, g.n, n_dim,
+               dyt + position * g.n * dy_row, dy_row);
+    }
+  });
+  const int64_t length = g.SegmentLength(), per_row = (length + kMaxRows - 1) / kMaxRows;
+  const int64_t row_blocks = g.kh * per_row;
+  const int64_t tasks =
+      std::min(row_blocks, kRowBlockTasksPerThread * (pool.num_threads() + 1));
+  ParallelFor(pool, tasks, [=, &g, &blocks](int64_t task) {
+    const int64_t first = task * row_blocks / tasks, last = (task + 1) * row_blocks / tasks;
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t ky = b / per_row, j0 = b % per_row * kMaxRows;
+      const int64_t rows = std::min<int64_t>(kMaxRows, length - j0);
+      std::fill_n(dw_data + (ky * length + j0) * n_dim, rows * n_dim, 0.0f);
+    }
+    int64_t x_offsets[kGradPixelsPerBlock], dy_offsets[kGradPixelsPerBlock];
+    for (int64_t position = 0; position < positions; ++position) {
+      const Taps taps = g.TapsAtPosition(position);
+      const int64_t corner = (position / g.wo * g.wp + position % g.wo) * g.stride;
+      for (int64_t i0 = 0; i0 < g.n; i0 += kGradPixelsPerBlock) {
+        const int64_t count = std::min(kGradPixelsPerBlock, g.n - i0);
+        for (int64_t i = 0; i < count; ++i) {
+          x_offsets[i] = (corner * g.n + i0 + i) * x_row;
+          dy_offsets[i] = (position * g.n + i0 + i) * dy_row;
+        }
+        for (int64_t b = first; b < last; ++b) {
+          const int64_t ky = b / per_row, j0 = b % per_row * kMaxRows;
+          if (ky < taps.ky_begin || ky >= taps.ky_end) continue;
+          const int64_t hi = std::min({j0 + kMaxRows, length, taps.j_end});
+          // The block's values tap by tap: a tap's C values are one image row of x_by_place.
+          for (int64_t lo = std::max(j0, taps.j_begin), end; lo < hi; lo = end) {
+            const int64_t kx = lo / c;
+            end = std::min(hi, (kx + 1) * c);
+            const T* segment = xt + (ky * g.wp + kx) * g.n * x_row + lo % c;
+            float* out = dw_data + (ky * length + lo) * n_dim;
+            for (int64_t col = 0; col < n_dim; col += kPanelWidth) {
+              blocks[end - lo - 1](segment, x_offsets, dyt + col, dy_offsets, count, out + col,
+                                   n_dim);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 // dw (KH, KW, C, C_out) = sum over output pixels m of patch(m)^T dy[m], x padded as for
 // ConvForward, with `blocks` over elements T of x and dy (float; or, for bfloat16, uint32_t
-// image pairs). Tasks are (pixel chunk, group of 32-column panels): each chunk sums into its
-// own copy of dw (added up at the end), so there are enough tasks to share while the copies
-// stay few: many pixels (high-resolution layers) split into chunks, wide kernels (deep layers)
-// into groups. Within a task, pixels go in blocks of up to kGradPixelsPerBlock (within one
-// run): their dy rows and x patches stay in L2 while every (12-row, 32-column) tile of dw is
-// summed over them in registers.
+// image pairs). Small maps go by KernelGradByRowBlocks. Otherwise tasks are (pixel chunk, group
+// of 32-column panels): each chunk sums into its own copy of dw (added up at the end), so there
+// are enough tasks to share while the copies stay few: many pixels (high-resolution layers)
+// split into chunks, wide kernels into groups. Within a task, pixels go in blocks of up to
+// kGradPixelsPerBlock: their dy rows and x patches stay in L2 while every (12-row, 32-column)
+// tile of dw is summed over them in registers.
 template <typename T, typename Blocks>
 void KernelGradOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeometry& g,
                           const T* x_data, const T* dy_data, float* dw_data, int64_t n_dim) {
-  const int64_t pixels = g.Pixels(), run = g.RunLength(), k_dim = g.kh * g.SegmentLength();
+  if (g.PositionMajor()) {
+    KernelGradByRowBlocks(pool, blocks, g, x_data, dy_data, dw_data, n_dim);
+    return;
+  }
+  const int64_t pixels = g.Pixels(), length = g.SegmentLength(), k_dim = g.kh * length;
   const int64_t panels = n_dim / kPanelWidth;
   const int64_t wanted_tasks = 2 * (pool.num_threads() + 1);
   const int64_t chunks = std::clamp<int64_t>(pixels / kGradPixelsPerChunk, 1, wanted_tasks);
@@ -1373,23 +1456,20 @@ void KernelGradOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const Con
       std::fill(sum + k * n_dim + col_begin, sum + k * n_dim + col_end, 0.0f);
     }
     int64_t x_offsets[kGradPixelsPerBlock], dy_offsets[kGradPixelsPerBlock];
-    const int64_t length = g.SegmentLength();
     const int64_t chunk_end = (chunk + 1) * pixels / chunks;
-    for (int64_t q0 = chunk * pixels / chunks, q1; q0 < chunk_end; q0 = q1) {
-      q1 = std::min({chunk_end, q0 + kGradPixelsPerBlock, (q0 / run + 1) * run});
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t m = g.Pixel(q);
-        x_offsets[q - q0] = g.PixelOffset(m);
-        dy_offsets[q - q0] = m * n_dim;
+    for (int64_t m0 = chunk * pixels / chunks, m1; m0 < chunk_end; m0 = m1) {
+      m1 = std::min(chunk_end, m0 + kGradPixelsPerBlock);
+      for (int64_t m = m0; m < m1; ++m) {
+        x_offsets[m - m0] = g.PixelOffset(m);
+        dy_offsets[m - m0] = m * n_dim;
       }
-      const Taps taps = g.TapsAt(q0);
-      for (int64_t ky = taps.ky_begin; ky < taps.ky_end; ++ky) {
-        for (int64_t j = taps.j_begin; j < taps.j_end; j += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, taps.j_end - j);
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        for (int64_t j = 0; j < length; j += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, length - j);
           const T* segment = x_data + ky * g.RowStride() + j;
           float* out = sum + (ky * length + j) * n_dim;
           for (int64_t col = col_begin; col < col_end; col += kPanelWidth) {
-            blocks[rows - 1](segment, x_offsets, dy_data + col, dy_offsets, q1 - q0, out + col,
+            blocks[rows - 1](segment, x_offsets, dy_data + col, dy_offsets, m1 - m0, out + col,
                              n_dim);
           }
         }
