@@ -193,6 +193,7 @@ def _decoder_layer_case(b, t, e, heads, shared, own, causal, dtype):
     (1, 10, 256, 4, 1, 2, True),  # Batch-1 sampling: the time row, 2 observation rows.
     (3, 5, 40, 4, 1, 0, False),  # No observation rows; N = 3E and 4E not multiples of 32.
     (2, 12, 64, 2, 2, 3, True),  # More rows than a kernel block holds.
+    (9, 10, 64, 4, 1, 2, True),  # Attention by whole sequences; 90 rows: 16-row tasks and a rest.
 ])
 def test_decoder_layer_equals_the_flax_layer(b, t, e, heads, shared, own, causal):
   expected, got = _decoder_layer_case(b, t, e, heads, shared, own, causal, jnp.float32)
