@@ -413,11 +413,12 @@ T FromFloat(float value) {
 
 // exp(x) on 16 lanes as Cephes' expf computes it (within 1.2e-7 of std::exp): x = n ln 2 + r,
 // |r| <= ln 2 / 2, exp(x) = 2^n p(r); 0 below -87.34 (float32's smallest normal), so that
-// masked logits (lowest) weigh nothing, as in XLA's softmax; NaN stays NaN. libm's expf, one value at a time,
-// took a third of a batch-28 sampling step's attention.
+// masked logits (lowest) weigh nothing, as in XLA's softmax; NaN stays NaN. libm's expf, one
+// value at a time, took a third of a batch-28 sampling step's attention.
 inline Vec16 ExpLanes(Vec16 x) {
   constexpr float kHigh = 88.3762626647949f, kLow = -87.3365447505531f;
-  constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;  // ln 2 in two parts.
   Vec16 bounded = x < kHigh ? x : kHigh;
   bounded = bounded > kLow ? bounded : kLow;
   // n = floor(x log2(e) + 1/2); the conversion to int truncates toward zero.
@@ -476,7 +477,7 @@ void AttendHead(const float* query, int64_t q_stride, int64_t t_dim, int64_t s_d
     const float total = ExpShiftedSum(weights.data(), s_dim, top);
     std::fill(row.begin(), row.end(), 0.0f);
     for (int64_t s = 0; s < s_dim; ++s) {
-      if (weights[s] == 0.0f) continue;  // Masked.
+      if (weights[s] == 0.0f) continue;  // Masked (or underflowed): adds nothing.
       const float w = weights[s] / total;
       const float* v = value(s);
       for (int64_t j = 0; j < d_dim; ++j) row[j] += w * v[j];
@@ -798,7 +799,7 @@ void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
         }
         const float total = ExpShiftedSum(weights.data(), s_dim, top);
         for (int64_t s = 0; s < s_dim; ++s) {
-          if (weights[s] == 0.0f) continue;  // Masked.
+          if (weights[s] == 0.0f) continue;  // Masked (or underflowed).
           const float w = weights[s] / total;
           const float* value = rows[s] + (num_heads + h) * e_dim;
           for (int64_t j = 0; j < e_dim; ++j) sums[j] += w * value[j];
@@ -1411,13 +1412,6 @@ void AddPartials(ffi::ThreadPool& pool, float* dw, const std::vector<float>& par
   });
 }
 
-// KernelGradOverPanels on small maps (ConvGeometry::PositionMajor), whose pixels go position
-// by position: there one position's pixels are a whole image apart in x and dy, at strides
-// (e.g. 50 KB, 18 KB) that map every one of them into the same two sets of the L1 cache, so
-// each patch value and gradient row was a cache miss. Here x and dy are first copied position-
-// major, (Hp·Wp, N, C) and (Ho·Wo, N, C_out), each image's row padded by a cache line so that
-// consecutive images' rows fall into different sets. Tasks own ranges of dw's 12-row blocks
-// with all of their columns: every x line is read by one task, for all 32-column panels.
 constexpr int64_t kRowBlockTasksPerThread = 4;
 
 // Copies `count` rows of `length` values, `stride` apart in `source`, to rows `out_stride` apart.
@@ -1429,6 +1423,13 @@ void CopyRows(const T* source, int64_t stride, int64_t count, int64_t length, T*
   }
 }
 
+// KernelGradOverPanels on small maps (ConvGeometry::PositionMajor), whose pixels go position
+// by position: there one position's pixels are a whole image apart in x and dy, at strides
+// (e.g. 50 KB, 18 KB) that map every one of them into the same two sets of the L1 cache, so
+// each patch value and gradient row was a cache miss. Here x and dy are first copied position-
+// major, (Hp·Wp, N, C) and (Ho·Wo, N, C_out), each image's row padded by a cache line so that
+// consecutive images' rows fall into different sets. Tasks own ranges of dw's 12-row blocks
+// with all of their columns: every x line is read by one task, for all 32-column panels.
 template <typename T, typename Blocks>
 void KernelGradByRowBlocks(ffi::ThreadPool& pool, const Blocks& blocks, const ConvGeometry& g,
                            const T* x_data, const T* dy_data, float* dw_data, int64_t n_dim) {

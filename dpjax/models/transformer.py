@@ -101,9 +101,6 @@ class Dense(nn.Module):
                      bias.astype(self.dtype))
 
 
-def _dense(features: int, dtype: Any, name: str) -> Dense:
-  return Dense(features, dtype=dtype, name=name)
-
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
@@ -139,7 +136,7 @@ class MultiheadAttention(nn.Module):
           axis=-1)
     dropout = nn.Dropout(self.dropout_rate, deterministic=False) if train else None
     out = _attend(q, k, v, h, mask, self.dtype, dropout)
-    return _dense(e, self.dtype, 'out_proj')(out)
+    return Dense(e, self.dtype, name='out_proj')(out)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
@@ -168,10 +165,10 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = _dense(self.hidden_dim, self.dtype, 'linear1')(x)
+    y = Dense(self.hidden_dim, self.dtype, name='linear1')(x)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(
         jax.nn.gelu(y, approximate=False))
-    return _dense(x.shape[-1], self.dtype, 'linear2')(y)
+    return Dense(x.shape[-1], self.dtype, name='linear2')(y)
 
 
 class EncoderLayer(nn.Module):
@@ -280,7 +277,7 @@ class TransformerForDiffusion(nn.Module):
     time_emb = sinusoidal_time_embedding(timesteps, self.n_emb)[:, None, :].astype(self.dtype)
 
     drop = nn.Dropout(self.p_drop_emb, deterministic=not train)
-    input_emb = _dense(self.n_emb, self.dtype, 'input_emb')(sample.astype(self.dtype))
+    input_emb = Dense(self.n_emb, self.dtype, name='input_emb')(sample.astype(self.dtype))
     pos_emb = self.param('pos_emb', weight_init, (1, self.num_tokens, self.n_emb), jnp.float32)
     self_mask, memory_mask = attention_masks(self.num_tokens, max(self.num_cond_tokens, 1))
     if not self.causal_attn:
@@ -297,7 +294,7 @@ class TransformerForDiffusion(nn.Module):
     else:
       cond_tokens = time_emb
       if self.obs_as_cond:
-        cond_obs_emb = _dense(self.n_emb, self.dtype, 'cond_obs_emb')(cond.astype(self.dtype))
+        cond_obs_emb = Dense(self.n_emb, self.dtype, name='cond_obs_emb')(cond.astype(self.dtype))
         cond_tokens = jnp.concatenate([cond_tokens, cond_obs_emb], axis=1)
       # The reference re-initialises cond_pos_emb only when cond_obs_emb exists.
       cond_pos_init = weight_init if self.obs_as_cond else nn.initializers.zeros
@@ -315,7 +312,7 @@ class TransformerForDiffusion(nn.Module):
             x, memory, tgt_mask, mem_mask, train)
 
     x = _layer_norm(self.dtype, 'ln_f')(x)
-    return _dense(self.output_dim, self.dtype, 'head')(x).astype(jnp.float32)
+    return Dense(self.output_dim, self.dtype, name='head')(x).astype(jnp.float32)
 
   def _condition_encoder(self, x: jax.Array, train: bool) -> jax.Array:
     if self.n_cond_layers > 0:
@@ -323,8 +320,8 @@ class TransformerForDiffusion(nn.Module):
         x = EncoderLayer(self.n_head, self.p_drop_attn, self.dtype,
                          name=f'cond_encoder_layers_{i}')(x, None, train)
       return x
-    x = _dense(4 * self.n_emb, self.dtype, 'cond_encoder_fc1')(x)
-    return _dense(self.n_emb, self.dtype, 'cond_encoder_fc2')(mish(x))
+    x = Dense(4 * self.n_emb, self.dtype, name='cond_encoder_fc1')(x)
+    return Dense(self.n_emb, self.dtype, name='cond_encoder_fc2')(mish(x))
 
   def _check_inputs(self, sample: jax.Array, cond: Optional[jax.Array]) -> tuple[int, int]:
     where = 'TransformerForDiffusion'
