@@ -2,6 +2,8 @@
 formulations (float64 numpy matmuls and tap sums, the XLA attention of the transformer, XLA's
 convolution and its gradients)."""
 
+import functools
+
 import flax.linen
 import jax
 import jax.numpy as jnp
@@ -315,8 +317,76 @@ def test_conv_and_its_kernel_gradient_equal_float64_sums(image_shape, kernel_sha
                                atol=1e-5 * np.sqrt(grad.size / kernel_shape[-1]))
 
 
+@pytest.mark.parametrize('image_shape,c_out', [
+    ((3, 7, 9, 16), 32),  # Odd sides: the last tiles half outside the map.
+    # 125 tiles: five full tasks of 24 and a last one of 5; two kernel-gradient chunks.
+    ((5, 9, 10, 32), 64),
+    ((1, 8, 8, 48), 96),  # C not a multiple of 32; three panels.
+])
+def test_winograd_conv_and_kernel_gradient_equal_float64_sums(image_shape, c_out):
+  rng = np.random.default_rng(3)
+  x = np.pad(rng.standard_normal(image_shape).astype(np.float32),
+             ((0, 0), (1, 1), (1, 1), (0, 0)))
+  kernel = rng.standard_normal((3, 3, image_shape[-1], c_out)).astype(np.float32)
+  assert cpu_kernels.winograd_supported(image_shape, kernel.shape, 1, jnp.float32)
+  got = jax.jit(cpu_kernels.winograd_conv)(jnp.asarray(x), cpu_kernels.winograd_panels(kernel))
+  assert got.shape == image_shape[:3] + (c_out,)
+  scale = np.sqrt(9 * image_shape[-1])
+  np.testing.assert_allclose(got, _conv_float64(x, kernel, 1), rtol=1e-5, atol=1e-5 * scale)
+  grad = rng.standard_normal(image_shape[:3] + (c_out,)).astype(np.float32)
+  got_grad = jax.jit(cpu_kernels.winograd_kernel_grad)(jnp.asarray(x), jnp.asarray(grad))
+  np.testing.assert_allclose(got_grad, _conv_kernel_grad_float64(x, grad, kernel.shape, 1),
+                             rtol=1e-5, atol=1e-5 * np.sqrt(grad.size / c_out))
+  # Mirrored: the input gradient's convolution, of C_out channels back to C.
+  grad = np.pad(grad, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  mirrored = np.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  if image_shape[-1] % cpu_kernels.PANEL_WIDTH == 0:
+    got = cpu_kernels.winograd_conv(jnp.asarray(grad),
+                                    cpu_kernels.winograd_panels(kernel, mirror=True))
+    np.testing.assert_allclose(got, _conv_float64(grad, mirrored, 1), rtol=1e-5,
+                               atol=1e-5 * np.sqrt(9 * c_out))
+
+
+def test_winograd_panels_are_the_textbook_kernel_transform():
+  kernel = np.random.default_rng(4).standard_normal((3, 3, 64, 32)).astype(np.float32)
+  g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])  # Lavin & Gray's G.
+  for mirror, oracle in ((False, kernel), (True, np.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))):
+    transformed = np.einsum('ai,ijcd,bj->abcd', g, oracle.astype(np.float64), g)
+    c, c_out = oracle.shape[2:]
+    # Element 4a + b, panel p, row ci, lane i = transformed[a, b, ci, 32 p + i].
+    expected = transformed.reshape(16, c, c_out // 32, 32).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(cpu_kernels.winograd_panels(jnp.asarray(kernel), mirror),
+                               expected, rtol=1e-6, atol=1e-6)
+
+
+def test_winograd_only_where_it_pays_and_refuses_bad_operands():
+  supported = functools.partial(cpu_kernels.winograd_supported, dtype=jnp.float32)
+  assert supported((128, 19, 19, 64), (3, 3, 64, 64), 1)
+  assert supported((128, 10, 10, 128), (3, 3, 128, 128), 1)
+  assert not supported((128, 5, 5, 256), (3, 3, 256, 256), 1)  # Position-major maps.
+  assert not supported((128, 19, 19, 64), (3, 3, 64, 128), 2)
+  assert not supported((128, 19, 19, 64), (1, 1, 64, 128), 1)
+  assert not supported((128, 19, 19, 64), (3, 3, 64, 48), 1)
+  assert not supported((128, 19, 19, 8), (3, 3, 8, 64), 1)
+  assert not cpu_kernels.winograd_supported((128, 19, 19, 64), (3, 3, 64, 64), 1, jnp.bfloat16)
+  with pytest.raises(ValueError, match=r'C_out \(C if mirrored\) a multiple of 32, got '
+                                       r'\(3, 3, 48, 64\) \(mirror=True\)'):
+    cpu_kernels.winograd_panels(jnp.ones((3, 3, 48, 64)), mirror=True)
+  with pytest.raises(ValueError, match=r'panels \(16, C_out / 32, C, 32\), got x float32 '
+                                       r'\(1, 5, 5, 32\) and panels \(16, 1, 16, 32\)'):
+    cpu_kernels.winograd_conv(jnp.ones((1, 5, 5, 32)), jnp.ones((16, 1, 16, 32)))
+  with pytest.raises(ValueError, match=r'grad \(N, Hp - 2, Wp - 2, C_out\), C_out a multiple '
+                                       r'of 32, got x float32 \(1, 5, 5, 16\) and grad float32 '
+                                       r'\(1, 3, 4, 32\)'):
+    cpu_kernels.winograd_kernel_grad(jnp.ones((1, 5, 5, 16)), jnp.ones((1, 3, 4, 32)))
+  call = jax.ffi.ffi_call(cpu_kernels._WINOGRAD_CONV_TARGET,  # pylint: disable=protected-access
+                          jax.ShapeDtypeStruct((1, 4, 3, 32), jnp.float32))
+  with pytest.raises(Exception, match=r'y \(N, Hp - 2, Wp - 2, C_out\)'):
+    jax.block_until_ready(call(jnp.ones((1, 5, 5, 16)), jnp.ones((16, 1, 16, 32))))
+
+
 @pytest.mark.parametrize('x_shape,kernel_shape,stride', [
-    ((2, 17, 17, 64), (3, 3, 64, 64), 1),  # Input gradient on the kernels too.
+    ((2, 17, 17, 64), (3, 3, 64, 64), 1),  # Winograd forward and input gradient.
     ((2, 17, 17, 64), (3, 3, 64, 128), 2),  # Input gradient from XLA's transposed conv.
     ((2, 76, 76, 3), (7, 7, 3, 64), 2),
     ((2, 9, 9, 64), (1, 1, 64, 128), 2),
@@ -336,13 +406,22 @@ def test_conv2d_cpu_kernels_matches_xla_forward_and_gradients(x_shape, kernel_sh
     grads.append(vjp(cotangent))
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: conv_ops.conv2d(
       x, k, stride, 'cpu_kernels').sum()))(kernel))
-  assert cpu_kernels._CONV_KERNEL_GRAD_TARGET in jaxpr
+  winograd = cpu_kernels.winograd_supported(x.shape, kernel_shape, stride, jnp.float32)
+  assert (cpu_kernels._WINOGRAD_KERNEL_GRAD_TARGET if winograd else
+          cpu_kernels._CONV_KERNEL_GRAD_TARGET) in jaxpr
   scale = lambda a: float(jnp.max(jnp.abs(a)))
   np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5 * scale(outputs[1]))
   # Packed ahead (sampling): the same kernel on the same panels.
-  packed = conv_ops.packed_kernel(kernel, jnp.float32)
+  packed = conv_ops.packed_kernel(kernel, x.shape, stride, jnp.float32)
   np.testing.assert_array_equal(conv_ops.conv2d_packed(x, packed, kernel_shape, stride),
                                 outputs[0])
+  if winograd:
+    def forward_and_gradients(x, kernel):
+      y, vjp = jax.vjp(lambda *a: conv_ops.conv2d(*a, stride, 'cpu_kernels'), x, kernel)
+      return y, vjp(cotangent)
+    jaxpr = str(jax.make_jaxpr(forward_and_gradients)(x, kernel))
+    assert jaxpr.count(cpu_kernels._WINOGRAD_CONV_TARGET) == 2
+    assert jaxpr.count(cpu_kernels._WINOGRAD_KERNEL_GRAD_TARGET) == 1
   for ours, xla in zip(*grads):
     np.testing.assert_allclose(ours, xla, atol=1e-5 * scale(xla))
 
@@ -395,7 +474,7 @@ def test_bfloat16_conv_and_gradients_sum_exact_products(x_shape, kernel_shape, s
   y, vjp = jax.vjp(conv, x, kernel)
   grads = vjp(cotangent)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  packed = conv_ops.packed_kernel(f32(kernel), jnp.bfloat16)
+  packed = conv_ops.packed_kernel(f32(kernel), x.shape, stride, jnp.bfloat16)
   np.testing.assert_array_equal(f32(conv_ops.conv2d_packed(x, packed, kernel_shape, stride)),
                                 f32(y))
   jaxpr = str(jax.make_jaxpr(vjp)(cotangent))

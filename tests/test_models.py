@@ -652,7 +652,9 @@ def test_resnet18_parameter_gradients_match_torch(cpu_kernels, monkeypatch):
   # The max-pool, and all 20 convs and 20 GroupNorms, or stage 1's 4 convs and the 2 reading
   # stage 1 (the tap GEMMs and XLA's GroupNorm are differentiated as they are).
   assert jaxpr.count('custom_vjp_call') == (1 + 20 + 20 if cpu_kernels else 1 + 6)
-  assert jaxpr.count('dpjax_conv') == (20 if cpu_kernels else 0)
+  # Stride-1 3×3 convs on maps larger than 6×6 (stages 1 and 2: 17×17, 9×9) by Winograd.
+  assert jaxpr.count('dpjax_conv') == (13 if cpu_kernels else 0)
+  assert jaxpr.count('dpjax_winograd_conv') == (7 if cpu_kernels else 0)
   cotangent = np.random.default_rng(0).normal(size=(2, 3, 3, 512)).astype(np.float32)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, images) * cotangent)))(
       params)

@@ -183,7 +183,8 @@ class Conv(nn.Module):
     x = x.astype(self.dtype)
     if cpu_kernels.conv_supported(x.shape, kernel.shape, self.strides, self.dtype):
       if self.is_mutable_collection(PACKED_KERNELS) and not self.is_initializing():
-        self.put_variable(PACKED_KERNELS, 'kernel', conv_ops.packed_kernel(kernel, self.dtype))
+        self.put_variable(PACKED_KERNELS, 'kernel', conv_ops.packed_kernel(
+            kernel, x.shape, self.strides, self.dtype))
       if self.has_variable(PACKED_KERNELS, 'kernel'):
         return conv_ops.conv2d_packed(x, self.get_variable(PACKED_KERNELS, 'kernel'),
                                       kernel.shape, self.strides)
