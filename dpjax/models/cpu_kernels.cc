@@ -1473,6 +1473,15 @@ void TransformPatches(const WinogradTiles& g, const float* x, int64_t first, int
   }
 }
 
+// Whether x (N, Hp, Wp, C), C a multiple of 16, and out (N, Hp - 2, Wp - 2, C_out), C_out a
+// multiple of 32, are the operands of a Winograd convolution.
+bool WinogradOperands(const ffi::Span<const int64_t>& x_dims,
+                      const ffi::Span<const int64_t>& out_dims) {
+  return x_dims.size() == 4 && out_dims.size() == 4 && x_dims[3] % 16 == 0 && x_dims[1] >= 3 &&
+         x_dims[2] >= 3 && out_dims[0] == x_dims[0] && out_dims[1] == x_dims[1] - 2 &&
+         out_dims[2] == x_dims[2] - 2 && out_dims[3] % kPanelWidth == 0;
+}
+
 // y (N, Hp - 2, Wp - 2, C_out) = the 3x3 convolution of x padded (N, Hp, Wp, C), C a multiple of
 // 16, with the kernel whose transform `panels` holds.
 ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -1480,10 +1489,8 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto x_dims = x.dimensions();
   const auto p_dims = panels.dimensions();
   const auto y_dims = y->dimensions();
-  if (x_dims.size() != 4 || p_dims.size() != 4 || y_dims.size() != 4 || x_dims[3] % 16 != 0 ||
-      x_dims[1] < 3 || x_dims[2] < 3 || p_dims[0] != 16 || p_dims[2] != x_dims[3] ||
-      p_dims[3] != kPanelWidth || y_dims[0] != x_dims[0] || y_dims[1] != x_dims[1] - 2 ||
-      y_dims[2] != x_dims[2] - 2 || y_dims[3] != p_dims[1] * kPanelWidth) {
+  if (!WinogradOperands(x_dims, y_dims) || p_dims.size() != 4 || p_dims[0] != 16 ||
+      p_dims[2] != x_dims[3] || p_dims[3] != kPanelWidth || y_dims[3] != p_dims[1] * kPanelWidth) {
     return ffi::Error::InvalidArgument(
         "cpu_kernels winograd_conv: expected x (N, Hp, Wp, C), C a multiple of 16, panels (16, "
         "C_out / 32, C, 32) and y (N, Hp - 2, Wp - 2, C_out)");
@@ -1760,9 +1767,7 @@ ffi::Error WinogradKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto x_dims = x.dimensions();
   const auto dy_dims = dy.dimensions();
   const auto w_dims = dw->dimensions();
-  if (x_dims.size() != 4 || dy_dims.size() != 4 || w_dims.size() != 4 || x_dims[3] % 16 != 0 ||
-      dy_dims[0] != x_dims[0] || dy_dims[1] != x_dims[1] - 2 || dy_dims[2] != x_dims[2] - 2 ||
-      dy_dims[1] < 1 || dy_dims[2] < 1 || dy_dims[3] % kPanelWidth != 0 || w_dims[0] != 3 ||
+  if (!WinogradOperands(x_dims, dy_dims) || w_dims.size() != 4 || w_dims[0] != 3 ||
       w_dims[1] != 3 || w_dims[2] != x_dims[3] || w_dims[3] != dy_dims[3]) {
     return ffi::Error::InvalidArgument(
         "cpu_kernels winograd_kernel_grad: expected x (N, Hp, Wp, C), C a multiple of 16, dy "
