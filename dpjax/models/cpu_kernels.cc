@@ -946,7 +946,7 @@ struct Taps {
   int64_t ky_begin, ky_end, j_begin, j_end;  // Kernel rows; floats within a row's segment.
 };
 
-constexpr int64_t kPositionMajorMaxPixels = 36;
+constexpr int64_t kPositionMajorMaxPixels = 36;  // cpu_kernels.py: _POSITION_MAJOR_MAX_PIXELS
 
 struct ConvGeometry {
   int64_t n, hp, wp, c, ho, wo, kh, kw, stride, pad;

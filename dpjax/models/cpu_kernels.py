@@ -441,15 +441,20 @@ def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int,
               pad=np.int64(pad))
 
 
+# Maps of at most this many pixels `conv` runs position by position, skipping the taps in the
+# zero border (cpu_kernels.cc, kPositionMajorMaxPixels).
+_POSITION_MAJOR_MAX_PIXELS = 36
+
+
 def winograd_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
                        dtype: Any) -> bool:
   """Whether `winograd_conv` runs (and pays off for) x (N, H, W, C) with kernel (3, 3, C, C_out)
-  at `stride`: float32 where `enabled`, stride 1, C a multiple of 16, C_out of 32, and maps of
-  more than 36 pixels. On ResNet-18's 5 × 5 and 3 × 3 maps the direct kernels skip the taps in
-  the border, which Winograd's 2 × 2 tiles pad out instead: there it was no faster (kernel
-  gradients, 3 × 3 maps: slower)."""
+  at `stride`: float32 where `enabled`, stride 1, C a multiple of 16, C_out of 32, and maps
+  larger than those `conv` processes position by position. On those (ResNet-18's 5 × 5 and 3 × 3)
+  the direct kernels skip the taps in the border, which Winograd's 2 × 2 tiles pad out instead:
+  there it was no faster (kernel gradients, 3 × 3 maps: slower)."""
   return (len(x_shape) == 4 and tuple(kernel_shape[:2]) == (3, 3) and stride == 1 and
-          x_shape[1] * x_shape[2] > 36 and x_shape[3] % 16 == 0 and
+          x_shape[1] * x_shape[2] > _POSITION_MAJOR_MAX_PIXELS and x_shape[3] % 16 == 0 and
           kernel_shape[3] % PANEL_WIDTH == 0 and enabled(dtype))
 
 
