@@ -319,7 +319,7 @@ def test_conv_and_its_kernel_gradient_equal_float64_sums(image_shape, kernel_sha
 
 @pytest.mark.parametrize('image_shape,c_out', [
     ((3, 7, 9, 16), 32),  # Odd sides: the last tiles half outside the map.
-    # 125 tiles: five full tasks of 24 and a last one of 5; two kernel-gradient chunks.
+    # 125 tiles: ten full tasks of 12 and a last one of 5; two kernel-gradient chunks.
     ((5, 9, 10, 32), 64),
     ((1, 8, 8, 48), 96),  # C not a multiple of 32; three panels.
 ])
