@@ -19,7 +19,7 @@ as the reference leaves it).
 
 import functools
 import math
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import chex
 import flax.linen as nn
@@ -432,11 +432,10 @@ def fold_cross_attention(attn_params: Mapping[str, Any], memory: jax.Array, num_
 
 
 def _folded_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
-                   memory: jax.Array) -> jax.Array:
-  """(..., E) memory rows → (n_layer, ..., H (2E + 1)): every layer's `fold_cross_attention`."""
-  return jnp.stack([
-      fold_cross_attention(params[f'decoder_layers_{i}']['multihead_attn'], memory, model.n_head,
-                           model.dtype) for i in range(model.n_layer)])
+                   memory: jax.Array) -> list[jax.Array]:
+  """(..., E) memory rows → n_layer × (..., H (2E + 1)): every layer's `fold_cross_attention`."""
+  return [fold_cross_attention(params[f'decoder_layers_{i}']['multihead_attn'], memory,
+                               model.n_head, model.dtype) for i in range(model.n_layer)]
 
 
 def _attend_folded(y: jax.Array, rows: jax.Array, out_bias: jax.Array, num_heads: int,
@@ -473,7 +472,7 @@ def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
   time_memory = _condition_memory(model, params,
                                   time_tokens + params['cond_pos_emb'][0, 0].astype(dtype))
   return DecoderConstants(
-      time_memory=jnp.moveaxis(_folded_memory(model, params, time_memory), 0, 1),
+      time_memory=jnp.stack(_folded_memory(model, params, time_memory), axis=1),
       input_emb=cpu_kernels.pack_dense(**params['input_emb'], dtype=dtype),
       layers=tuple(_packed_layer(params[f'decoder_layers_{i}'], dtype)
                    for i in range(model.n_layer)),
@@ -481,17 +480,21 @@ def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
 
 
 def observation_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
-                       cond: Optional[jax.Array]) -> Optional[jax.Array]:
+                       cond: Optional[jax.Array]) -> Optional[tuple[jax.Array, ...]]:
   """The observation rows of every layer's folded cross-attention memory for `cached_denoise`,
-  computed once per sampling call: (n_layer, B, To, H (2E + 1)) float32 for cond (B, To,
-  cond_dim) when model.obs_as_cond, else None."""
+  computed once per sampling call: n_layer arrays (B, To, H (2E + 1)) float32 for cond (B, To,
+  cond_dim) when model.obs_as_cond, else None.
+
+  One array per layer, not one stacked array: the sampler's loop would slice a layer's rows out
+  of the stack at every step, a copy (at batch 28, 460 KB per layer and step).
+  """
   if not model.obs_as_cond:
     return None
   chex.assert_shape(cond, (None, model.n_obs_steps, model.cond_dim))
   dtype = model.dtype
   tokens = _linear(params['cond_obs_emb'], cond, dtype) + params['cond_pos_emb'][0, 1:].astype(
       dtype)
-  return _folded_memory(model, params, _condition_memory(model, params, tokens))
+  return tuple(_folded_memory(model, params, _condition_memory(model, params, tokens)))
 
 
 def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
@@ -504,7 +507,7 @@ def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
 
 
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
-                   constants: DecoderConstants, obs_memory: Optional[jax.Array],
+                   constants: DecoderConstants, obs_memory: Optional[Sequence[jax.Array]],
                    sample: jax.Array, step: jax.Array) -> jax.Array:
   """`model.apply({'params': params}, sample, timesteps[step], cond)` in eval mode, from
   `decoder_constants(model, params, timesteps)` and `observation_memory(..., cond)`.
@@ -515,7 +518,8 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
   chex.assert_rank(sample, 3)
   b, t = sample.shape[:2]
   if obs_memory is not None:
-    chex.assert_axis_dimension(obs_memory, 1, b)
+    for rows in obs_memory:
+      chex.assert_axis_dimension(rows, 0, b)
   dtype, h = model.dtype, model.n_head
   self_mask, memory_mask = attention_masks(model.num_tokens, model.num_cond_tokens)
   tgt_mask = self_mask[:t, :t] if model.causal_attn else None
@@ -538,7 +542,7 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
   x = cpu_kernels.dense(constants.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
   time_memory = constants.time_memory[step]
   if obs_memory is None:
-    obs_memory = jnp.zeros((len(constants.layers), b, 0, time_memory.shape[-1]))
+    obs_memory = (jnp.zeros((b, 0, time_memory.shape[-1])),) * len(constants.layers)
   layer_params = [params[f'decoder_layers_{i}'] for i in range(len(constants.layers))]
   if _on_layer_kernel(constants.layers):
     # Float32 between the kernel's layers (bfloat16 numbers in bfloat16): no conversions.
