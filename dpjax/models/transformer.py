@@ -432,10 +432,10 @@ def fold_cross_attention(attn_params: Mapping[str, Any], memory: jax.Array, num_
 
 
 def _folded_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
-                   memory: jax.Array) -> list[jax.Array]:
+                   memory: jax.Array) -> tuple[jax.Array, ...]:
   """(..., E) memory rows → n_layer × (..., H (2E + 1)): every layer's `fold_cross_attention`."""
-  return [fold_cross_attention(params[f'decoder_layers_{i}']['multihead_attn'], memory,
-                               model.n_head, model.dtype) for i in range(model.n_layer)]
+  return tuple(fold_cross_attention(params[f'decoder_layers_{i}']['multihead_attn'], memory,
+                                    model.n_head, model.dtype) for i in range(model.n_layer))
 
 
 def _attend_folded(y: jax.Array, rows: jax.Array, out_bias: jax.Array, num_heads: int,
@@ -494,7 +494,7 @@ def observation_memory(model: TransformerForDiffusion, params: Mapping[str, Any]
   dtype = model.dtype
   tokens = _linear(params['cond_obs_emb'], cond, dtype) + params['cond_pos_emb'][0, 1:].astype(
       dtype)
-  return tuple(_folded_memory(model, params, _condition_memory(model, params, tokens)))
+  return _folded_memory(model, params, _condition_memory(model, params, tokens))
 
 
 def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
