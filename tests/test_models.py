@@ -774,14 +774,18 @@ def test_param_group_masks_follow_reference_groups():
     param_groups.transformer_decay_mask({'params': {'unknown': {'kernel': jnp.zeros(1)}}})
 
 
-@pytest.mark.parametrize('cpu_kernels', [True, False])
+@pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu'])
 @pytest.mark.parametrize('obs_as_cond,causal_attn', [(True, True), (True, False),
                                                       (False, True), (False, False)])
-def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, cpu_kernels, monkeypatch):
+def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkeypatch):
   """The sampler's step-invariant cache gives the module's own eval-mode outputs, through the
-  CPU kernels and through the XLA ops other backends and dtypes use."""
+  CPU kernels and through the XLA ops other backends and dtypes use (in the forms XLA:CPU and
+  XLA:GPU get: the library asks jax.default_backend())."""
+  cpu_kernels = path == 'cpu_kernels'
   if not cpu_kernels:
     monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
+  if path == 'xla_gpu':
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   model, params, (sample, _, cond) = _small_transformer_with_params(
       cond_dim=5 if obs_as_cond else 0, obs_as_cond=obs_as_cond, causal_attn=causal_attn)
   timesteps = jnp.array([99, 57, 3, 0])
@@ -789,21 +793,25 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, cpu_kernels,
   constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
   obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
   assert constants.layers[0].ffn_in.kernel.ndim == (3 if cpu_kernels else 2)
+  # Jitted, as the sampler runs it: XLA's fusions, not op-by-op execution, are what is checked.
+  cached_denoise = jax.jit(functools.partial(transformer_lib.cached_denoise, model))
   for step, t in enumerate(timesteps):
     expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
-    got = transformer_lib.cached_denoise(model, params['params'], constants, obs_memory, sample,
-                                         jnp.int32(step))
+    got = cached_denoise(params['params'], constants, obs_memory, sample, jnp.int32(step))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('cpu_kernels', [True, False])
-def test_cached_denoise_in_bfloat16_follows_the_module(cpu_kernels, monkeypatch):
+@pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu'])
+def test_cached_denoise_in_bfloat16_follows_the_module(path, monkeypatch):
   """Mixed precision: the cache's step (the decoder layer kernel on bfloat16 weights where the
   CPU has AVX512-BF16; else XLA's matmuls, beside the float32 attention and LayerNorm kernels
   where the kernels run) stays within bfloat16 rounding of the module's bfloat16 eval-mode
   outputs, and of float32."""
+  cpu_kernels = path == 'cpu_kernels'
   if not cpu_kernels:
     monkeypatch.setattr(cpu_kernels_lib, '_usable', lambda: False)
+  if path == 'xla_gpu':
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   outputs = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     model, params, (sample, _, cond) = _small_transformer_with_params(cond_dim=5, dtype=dtype)

@@ -375,8 +375,13 @@ def _linear(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _normalize(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
-  """nn.LayerNorm applied with its parameters `p`."""
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype).apply({'params': p}, x)
+  """nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype) applied with its parameters `p`, statistics in
+  float32. The variance is taken of the centred values (flax: E[x²] − E[x]²), a form XLA:GPU
+  runs as one fused normalization kernel instead of two reductions and an elementwise pass."""
+  x = x.astype(jnp.float32)
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + LAYER_NORM_EPS)
+  return (centred * inv_std * p['scale'] + p['bias']).astype(dtype)
 
 
 def _packed_layer(p: Mapping[str, Any], dtype: Any) -> CachedDecoderLayer:
@@ -438,21 +443,56 @@ def _folded_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
                                     model.n_head, model.dtype) for i in range(model.n_layer))
 
 
-def _attend_folded(y: jax.Array, rows: jax.Array, out_bias: jax.Array, num_heads: int,
-                   mask: Optional[np.ndarray]) -> jax.Array:
-  """Cross-attention of normalized queries y (B, T, E) on `fold_cross_attention` rows
-  (B, S, H (2E + 1)), out-projection bias included → (B, T, E) float32."""
-  b, s = rows.shape[:2]
-  e = y.shape[-1]
-  score = rows[..., :num_heads * e].reshape(b, s, num_heads, e)
-  value = rows[..., num_heads * e:2 * num_heads * e].reshape(b, s, num_heads, e)
-  offset = rows[..., 2 * num_heads * e:]
+def _attend_folded(y: jax.Array, shared: jax.Array, own: jax.Array, out_bias: jax.Array,
+                   num_heads: int, mask: Optional[np.ndarray]) -> jax.Array:
+  """Cross-attention of normalized queries y (B, T, E) on `fold_cross_attention` rows — the
+  shared (time) row (H (2E + 1),), then each sequence's own rows (B, S1, H (2E + 1)) — with the
+  out-projection bias → (B, T, E) float32.
+
+  Score, value and offset columns are each gathered from the two sources on their own: XLA:GPU
+  then builds each in one kernel, where slicing a concatenation of whole rows copied the
+  columns out again."""
+  b = y.shape[0]
+  he = num_heads * y.shape[-1]
+
+  def columns(start, stop):  # (B, 1 + S1, stop − start)
+    return jnp.concatenate(
+        [jnp.broadcast_to(shared[start:stop], (b, 1, stop - start)), own[..., start:stop]], axis=1)
+
+  score = columns(0, he).reshape(b, -1, num_heads, y.shape[-1])
+  value = columns(he, 2 * he).reshape(score.shape)
+  offset = columns(2 * he, shared.shape[-1])
   logits = jnp.einsum('bte,bshe->bhts', y.astype(jnp.float32), score) + jnp.moveaxis(
       offset, 1, 2)[:, :, None, :]
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum('bhts,bshe->bte', weights, value) + out_bias.astype(jnp.float32)
+
+
+def _self_attention(qkv: cpu_kernels.PackedDense, out: cpu_kernels.PackedDense, y: jax.Array,
+                    num_heads: int, mask: Optional[np.ndarray], dtype: Any) -> jax.Array:
+  """`MultiheadAttention` in eval mode on normalized y (B, T, E), from its in- and out-projections
+  as plain (unpacked) weights → (B, T, E) in `dtype`; the arithmetic of `_attend` and Dense.
+
+  Off CPU it is written head-major: the in-projection yields (3H, B, T, d) and the out-projection
+  contracts heads and their features at once, so XLA:GPU moves no q, k or v into place between
+  the products (6 kernels, against 8 for the (B, T, E) form; scripts/gpu_kernels.py). XLA:CPU
+  runs that form up to 2× slower, so CPU keeps the (B, T, E) products (docs/performance.md)."""
+  if jax.default_backend() == 'cpu':
+    q, k, v = jnp.split(cpu_kernels.dense(qkv, y), 3, axis=-1)
+    return cpu_kernels.dense(out, _attend(q, k, v, num_heads, mask, dtype))
+  e = y.shape[-1]
+  d = e // num_heads
+  heads = jnp.einsum('bte,egd->gbtd', y.astype(dtype), qkv.kernel.reshape(e, 3 * num_heads, d)
+                     ) + qkv.bias.reshape(3 * num_heads, 1, 1, d)
+  q, k, v = jnp.split(heads, 3)
+  logits = jnp.einsum('hbtd,hbsd->hbts', q, k).astype(jnp.float32) / math.sqrt(d)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  attended = jnp.einsum('hbts,hbsd->hbtd', weights.astype(dtype), v)
+  return jnp.einsum('hbtd,hde->bte', attended, out.kernel.reshape(num_heads, d, e)) + out.bias
 
 
 def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
@@ -528,15 +568,20 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
   if cpu_kernels.enabled(jnp.float32):
     # The attention and LayerNorm kernels compute in float32: under mixed precision, on
     # bfloat16 inputs made exact in float32 (softmax and statistics are float32 either way).
-    def attend(q, k, v, mask):
-      f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-      return cpu_kernels.attention(f32(q), f32(k), f32(v), h, mask).astype(dtype)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+
+    def self_attention(layer, y):
+      q, k, v = jnp.split(cpu_kernels.dense(layer.self_qkv, y), 3, axis=-1)
+      attended = cpu_kernels.attention(f32(q), f32(k), f32(v), h, tgt_mask).astype(dtype)
+      return cpu_kernels.dense(layer.self_out, attended)
 
     def normalize(p, x):
-      return cpu_kernels.layer_norm(x.astype(jnp.float32), p['scale'], p['bias'],
-                                    LAYER_NORM_EPS).astype(dtype)
+      return cpu_kernels.layer_norm(f32(x), p['scale'], p['bias'], LAYER_NORM_EPS).astype(dtype)
   else:
-    attend = functools.partial(_attend, num_heads=h, dtype=dtype)
+
+    def self_attention(layer, y):
+      return _self_attention(layer.self_qkv, layer.self_out, y, h, tgt_mask, dtype)
+
     normalize = functools.partial(_normalize, dtype=dtype)
 
   x = cpu_kernels.dense(constants.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
@@ -554,12 +599,9 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
     x = x.astype(dtype)
   else:
     for p, dense, shared, own in zip(layer_params, constants.layers, time_memory, obs_memory):
-      y = normalize(p['norm1'], x)
-      q, k, v = jnp.split(cpu_kernels.dense(dense.self_qkv, y), 3, axis=-1)
-      x = x + cpu_kernels.dense(dense.self_out, attend(q, k, v, mask=tgt_mask))
+      x = x + self_attention(dense, normalize(p['norm1'], x))
       y = normalize(p['norm2'], x)
-      rows = jnp.concatenate([jnp.broadcast_to(shared, (b, 1, shared.shape[-1])), own], axis=1)
-      x = x + _attend_folded(y, rows, p['multihead_attn']['out_proj']['bias'], h,
+      x = x + _attend_folded(y, shared, own, p['multihead_attn']['out_proj']['bias'], h,
                              mem_mask).astype(dtype)
       y = normalize(p['norm3'], x)
       hidden = jax.nn.gelu(cpu_kernels.dense(dense.ffn_in, y), approximate=False)

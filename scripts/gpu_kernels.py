@@ -1,0 +1,167 @@
+"""Kernels per denoising step of `predict_action` as XLA compiles it for an H100 — without a GPU.
+
+    python scripts/gpu_kernels.py                          # H100, DDPM-100, batch 1 and 28
+    python scripts/gpu_kernels.py --target cpu --quick     # this CPU, tiny config (the tests)
+
+Batch-1 sampling on a GPU is bound by kernel launches (an H200 took ≈ 0.27 ms per denoising
+step for ≈ 200 small kernels, docs/performance.md), so the number of kernels in the sampler's
+loop body is the figure to work on between the sessions that have a GPU. XLA compiles for a
+described GPU without one (deviceless compilation) through JAX's CUDA plugin, which needs
+neither CUDA libraries nor a driver; install it in an environment of its own (it warns on
+every JAX import where no GPU is):
+
+    python3 -m venv /tmp/gpu-compile
+    /tmp/gpu-compile/bin/pip install -r requirements.txt -r requirements-gpu-compile.txt
+    /tmp/gpu-compile/bin/python scripts/gpu_kernels.py
+
+Prints JSON: per batch size, the loop body's kernels by kind (fusion computations by name
+prefix: gemm_fusion_dot = a Triton matmul, triton_softmax = a fused softmax or LayerNorm, ...)
+and the whole program's. Counts only; nothing runs.
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# XLA's description of an NVIDIA H100 80GB HBM3 (SXM) for deviceless compilation
+# (xla/stream_executor/device_description.proto, as `DeviceDescription` reports it).
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+# HLO instructions that launch work of their own (a fusion is one kernel, a custom call one
+# library call); everything else in a compiled module is a bitcast, tuple or parameter.
+_LAUNCHING = re.compile(r'\s(fusion|custom-call|copy|copy-start|sort|scatter|gather|reduce|dot|'
+                        r'convolution|all-reduce)\(')
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) \(.*\{$')
+
+
+def computations(hlo_text: str) -> dict[str, list[str]]:
+  """Compiled HLO text → {computation name: its instruction lines}."""
+  result, current = {}, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:
+      current = result[match.group(1)] = []
+    elif line.strip() == '}':
+      current = None
+    elif current is not None and ' = ' in line:
+      current.append(line.strip())
+  return result
+
+
+def kernels(instructions: list[str]) -> collections.Counter:
+  """Launching instructions by kind: a fusion by its computation's name without the number."""
+  kinds = collections.Counter()
+  for instruction in instructions:
+    match = _LAUNCHING.search(instruction.split(' = ', 1)[1])
+    if match:
+      called = re.search(r'calls=%([\w.\-]+)', instruction)
+      kinds[re.sub(r'_computation|[.\-]\d+', '', called.group(1))
+            if match.group(1) == 'fusion' and called else match.group(1)] += 1
+  return kinds
+
+
+def loop_body_kernels(hlo_text: str) -> collections.Counter:
+  """The kernels of the body of the reverse process's scan: the program's largest while loop
+  (XLA:CPU also loops for the random bits)."""
+  bodies = computations(hlo_text)
+  names = re.findall(r'\swhile\(.*?body=%([\w.\-]+)', hlo_text)
+  if not names:
+    raise ValueError('gpu_kernels: the compiled program has no while loop')
+  return max((kernels(bodies[name]) for name in names), key=lambda kinds: sum(kinds.values()))
+
+
+def _gpu_sharding():
+  """A sharding onto one described H100 (no device behind it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    topology = topologies.get_topology_desc(platform='cuda', topology='1x1x1',
+                                            target_config=H100_TARGET_CONFIG)
+  except Exception as error:  # pylint: disable=broad-except  # Say what to install.
+    raise SystemExit(f'gpu_kernels: no deviceless CUDA compilation here ({error}); install '
+                     'requirements-gpu-compile.txt (see this script\'s docstring)') from error
+  mesh = topologies.make_mesh(topology, (1,), ('data',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def count(target: str, quick: bool, compute_dtype: str) -> dict[str, Any]:
+  """Compiles `predict_action` (DDPM-100; the smoke config if `quick`) for `target` and counts
+  its kernels per batch size."""
+  # JAX and the library are imported here, after main() has set the environment for the target.
+  import jax  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  import benchmark  # pylint: disable=g-import-not-at-top  # scripts/benchmark.py
+  from configs import lift  # pylint: disable=g-import-not-at-top
+  from dpjax.data.shape_meta import ShapeMeta  # pylint: disable=g-import-not-at-top
+  from dpjax.diffusion.policy import DiffusionPolicy  # pylint: disable=g-import-not-at-top
+  from dpjax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
+
+  config = lift.get_config('smoke' if quick else 'default')
+  config.model.compute_dtype = compute_dtype
+  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+  policy = DiffusionPolicy(config, shape_meta, benchmark._synthetic_normalizer(shape_meta))  # pylint: disable=protected-access
+  variables = policy.init(jax.random.key(0))
+  sharding = _gpu_sharding() if target == 'h100' else None
+  result = {'config': config.name, 'compute_dtype': compute_dtype,
+            'sampler': config.diffusion.sampler,
+            'num_inference_steps': config.diffusion.num_inference_steps, 'jax': jax.__version__}
+  # The library picks its formulation by the backend it compiles for (C++ kernels and CPU
+  # convolution forms on CPU, XLA's ops elsewhere); a GPU target is not this process's default
+  # backend, so the library is told.
+  backend = (mock.patch.object(jax, 'default_backend', return_value='gpu') if sharding
+             else cpu_kernels.disabled())
+  with backend:
+    sampling_variables = jax.eval_shape(policy.sampling_variables, variables)
+    for batch in (1, 2) if quick else (1, 28):
+      obs = benchmark._synthetic_obs(shape_meta, batch, int(config.task.n_obs_steps))  # pylint: disable=protected-access
+      args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          (sampling_variables, obs, jax.random.key(1)))
+      text = policy.predict_action_jit.lower(*args).compile().as_text()
+      body = loop_body_kernels(text)
+      program = sum((kernels(lines) for lines in computations(text).values()),
+                    collections.Counter())
+      result[f'batch{batch}'] = {'loop_body_kernels': sum(body.values()),
+                                 'loop_body_by_kind': dict(body.most_common()),
+                                 'program_kernels': sum(program.values())}
+  return result
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--target', default='h100', choices=('h100', 'cpu'),
+                      help='h100: deviceless CUDA compilation; cpu: XLA:CPU without the C++ '
+                      'kernels (to check this script)')
+  parser.add_argument('--quick', action='store_true', help='the smoke config, batch 1 and 2')
+  parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'))
+  args = parser.parse_args(argv)
+  if args.target != 'cpu':
+    # The CUDA plugin's version check looks for CUDA libraries, which compiling does not use.
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu,cuda')
+    os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
+  report = {'target': args.target, **count(args.target, args.quick, args.compute_dtype)}
+  print(json.dumps(report, indent=2))
+  return report
+
+
+if __name__ == '__main__':
+  main()
