@@ -449,15 +449,18 @@ def _attend_folded(y: jax.Array, shared: jax.Array, own: jax.Array, out_bias: ja
   shared (time) row (H (2E + 1),), then each sequence's own rows (B, S1, H (2E + 1)) — with the
   out-projection bias → (B, T, E) float32.
 
-  Score, value and offset columns are each gathered from the two sources on their own: XLA:GPU
-  then builds each in one kernel, where slicing a concatenation of whole rows copied the
-  columns out again."""
+  Score, value and offset columns are each gathered on their own, as a select between the time
+  row and the observation rows shifted down by one: XLA:GPU fuses a step's gathers, all layers',
+  into one kernel (as concatenations they were a kernel each, and slicing a concatenation of
+  whole rows copied the columns out again)."""
   b = y.shape[0]
   he = num_heads * y.shape[-1]
+  is_time_row = (jnp.arange(1 + own.shape[1]) == 0)[None, :, None]
+
+  below_time_row = jnp.pad(own, ((0, 0), (1, 0), (0, 0)))
 
   def columns(start, stop):  # (B, 1 + S1, stop − start)
-    return jnp.concatenate(
-        [jnp.broadcast_to(shared[start:stop], (b, 1, stop - start)), own[..., start:stop]], axis=1)
+    return jnp.where(is_time_row, shared[start:stop], below_time_row[..., start:stop])
 
   score = columns(0, he).reshape(b, -1, num_heads, y.shape[-1])
   value = columns(he, 2 * he).reshape(score.shape)
