@@ -456,7 +456,6 @@ def _attend_folded(y: jax.Array, shared: jax.Array, own: jax.Array, out_bias: ja
   b = y.shape[0]
   he = num_heads * y.shape[-1]
   is_time_row = (jnp.arange(1 + own.shape[1]) == 0)[None, :, None]
-
   below_time_row = jnp.pad(own, ((0, 0), (1, 0), (0, 0)))
 
   def columns(start, stop):  # (B, 1 + S1, stop − start)
