@@ -139,7 +139,10 @@ def test_ctrl_c_leaves_no_orphans(tmp_path):
       from dpjax.evaluation.vector_env import VectorEnv, WrapperSpec
       from test_evaluation_vector_env import FakeEnv
       if __name__ == '__main__':
-        spec = WrapperSpec(n_obs_steps=1, n_action_steps=1, max_steps=10**9)
+        # Episodes that never end (no success stop, no step limit in reach): the parent is
+        # stepping live workers when the interrupt comes, not restarting crashed ones.
+        spec = WrapperSpec(n_obs_steps=1, n_action_steps=1, max_steps=10**9,
+                           terminate_on_success=False)
         with VectorEnv(functools.partial(FakeEnv, step_sleep_s=0.01), 2, spec,
                        headless_rendering=False) as vec:
           vec.run({0: ('reset', (0, None, ())), 1: ('reset', (1, None, ()))})
