@@ -3,9 +3,12 @@
     python scripts/gpu_kernels.py                          # H100, DDPM-100, batch 1 and 28
     python scripts/gpu_kernels.py --target cpu --quick     # this CPU, tiny config (the tests)
 
-Batch-1 sampling on a GPU is bound by kernel launches (an H200 took ≈ 0.27 ms per denoising
-step for ≈ 200 small kernels, docs/performance.md), so the number of kernels in the sampler's
-loop body is the figure to work on between the sessions that have a GPU. XLA compiles for a
+Batch-1 sampling on a GPU is bound by the chain of small dependent kernels in each denoising
+step (an H200 took ≈ 0.27 ms per step for ≈ 200 kernels, all in one CUDA graph:
+docs/performance.md), so the number of kernels in the sampler's loop body is the figure to
+work on between the sessions that have a GPU. With XLA_FLAGS=--xla_dump_to=DIR the compiler
+also writes its launch plan (*.thunk_sequence_after_thunk_passes.txt: which kernels share a
+CUDA graph). XLA compiles for a
 described GPU without one (deviceless compilation) through JAX's CUDA plugin, which needs
 neither CUDA libraries nor a driver; install it in an environment of its own (it warns on
 every JAX import where no GPU is):
@@ -49,7 +52,8 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 # HLO instructions that launch work of their own (a fusion is one kernel, a custom call one
-# library call); everything else in a compiled module is a bitcast, tuple or parameter.
+# library call); the rest of a compiled GPU module is bitcasts, tuples, parameters and control
+# flow.
 _LAUNCHING = re.compile(r'\s(fusion|custom-call|copy|copy-start|sort|scatter|gather|reduce|dot|'
                         r'convolution|all-reduce)\(')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) \(.*\{$')
