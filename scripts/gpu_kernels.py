@@ -8,10 +8,11 @@ step (an H200 took ≈ 0.27 ms per step for ≈ 200 kernels, all in one CUDA gra
 docs/performance.md), so the number of kernels in the sampler's loop body is the figure to
 work on between the sessions that have a GPU. With XLA_FLAGS=--xla_dump_to=DIR the compiler
 also writes its launch plan (*.thunk_sequence_after_thunk_passes.txt: which kernels share a
-CUDA graph). XLA compiles for a
-described GPU without one (deviceless compilation) through JAX's CUDA plugin, which needs
-neither CUDA libraries nor a driver; install it in an environment of its own (it warns on
-every JAX import where no GPU is):
+CUDA graph).
+
+XLA compiles for a described GPU without one (deviceless compilation) through JAX's CUDA
+plugin, which needs neither CUDA libraries nor a driver; install it in an environment of its
+own (it warns on every JAX import where no GPU is):
 
     python3 -m venv /tmp/gpu-compile
     /tmp/gpu-compile/bin/pip install -r requirements.txt -r requirements-gpu-compile.txt
@@ -85,15 +86,11 @@ def kernels(instructions: list[str]) -> collections.Counter:
   return kinds
 
 
-def _loop_bodies(hlo_text: str) -> list[str]:
-  return re.findall(r'\swhile\(.*?body=%([\w.\-]+)', hlo_text)
-
-
 def loop_body_kernels(hlo_text: str) -> collections.Counter:
   """The kernels of the body of the reverse process's scan: the program's largest while loop
   (XLA:CPU also loops for the random bits)."""
   bodies = computations(hlo_text)
-  names = _loop_bodies(hlo_text)
+  names = re.findall(r'\swhile\(.*?body=%([\w.\-]+)', hlo_text)
   if not names:
     raise ValueError('gpu_kernels: the compiled program has no while loop')
   return max((kernels(bodies[name]) for name in names), key=lambda kinds: sum(kinds.values()))
