@@ -97,6 +97,9 @@ def get_config(arg=None):
   config.model.obs_as_cond = True
   config.model.pred_action_steps_only = False
   config.model.compute_dtype = 'float32'  # 'bfloat16' for mixed precision (params stay f32).
+  # True: on a single GPU, the sampler's decoder layers run on Pallas kernels, 4 per layer
+  # (dpjax/models/pallas_decoder.py); not yet timed on a GPU, so XLA's ops stay the default.
+  config.model.pallas_decoder = False
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.num_train_timesteps = 100

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --only predict,train  # a selection
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
     python scripts/benchmark.py --only predict --compute-dtype bfloat16  # mixed precision
+    python scripts/benchmark.py --only predict --pallas-decoder  # GPU: the Pallas decoder
     python scripts/benchmark.py --only torch_reference  # the same work in PyTorch, this machine
     make benchmark ARGS="--only predict,train"        # as `make train` runs: on tcmalloc
 
@@ -35,7 +36,7 @@ from configs import lift  # pylint: disable=g-import-not-at-top
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
-from dpjax.models import cpu_kernels
+from dpjax.models import cpu_kernels, pallas_decoder
 
 FIGURES = ('predict', 'train', 'encoder', 'pipeline', 'env', 'torch_reference')
 DEFAULT_FIGURES = FIGURES[:5]  # torch_reference needs torch (requirements-test.txt).
@@ -134,6 +135,7 @@ def _synthetic_batch(config, shape_meta: ShapeMeta, batch: int, seed: int = 0):
 def _variant(name: str, args) -> ml_collections.ConfigDict:
   config = lift.get_config('smoke' if args.quick else name)
   config.model.compute_dtype = args.compute_dtype
+  config.model.pallas_decoder = args.pallas_decoder
   return config
 
 
@@ -394,6 +396,9 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'),
                       help="the model's compute dtype (config.model.compute_dtype) for the "
                       'predict, train and encoder figures; parameters stay float32')
+  parser.add_argument('--pallas-decoder', action='store_true',
+                      help='sample with config.model.pallas_decoder=True (its kernels run on a '
+                      'single GPU; elsewhere XLA\'s ops run as without it)')
   parser.add_argument('--output', default='benchmark.json')
   args = parser.parse_args(argv)
   args.repeats = args.repeats or (2 if args.quick else 5)
@@ -406,7 +411,8 @@ def main(argv=None) -> dict[str, Any]:
              'pipeline': bench_pipeline, 'env': bench_env,
              'torch_reference': bench_torch_reference}
   report: dict[str, Any] = {'system': system_info(), 'quick': args.quick,
-                            'repeats': args.repeats, 'compute_dtype': args.compute_dtype}
+                            'repeats': args.repeats, 'compute_dtype': args.compute_dtype,
+                            'pallas_decoder': args.pallas_decoder and pallas_decoder.runs_here()}
   for name in selected:
     print(f'benchmark: {name} ...', file=sys.stderr, flush=True)
     report[name] = benches[name](args)

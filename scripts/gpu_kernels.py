@@ -1,6 +1,7 @@
 """Kernels per denoising step of `predict_action` as XLA compiles it for an H100 — without a GPU.
 
     python scripts/gpu_kernels.py                          # H100, DDPM-100, batch 1 and 28
+    python scripts/gpu_kernels.py --pallas-decoder         # the decoder on Pallas kernels
     python scripts/gpu_kernels.py --target cpu --quick     # this CPU, tiny config (the tests)
 
 Batch-1 sampling on a GPU is bound by the chain of small dependent kernels in each denoising
@@ -117,7 +118,7 @@ def _gpu_sharding():
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def count(target: str, quick: bool, compute_dtype: str) -> dict[str, Any]:
+def count(target: str, quick: bool, compute_dtype: str, pallas: bool) -> dict[str, Any]:
   """Compiles `predict_action` (DDPM-100; the smoke config if `quick`) for `target` and counts
   its kernels per batch size."""
   # JAX and the library are imported here, after main() has set the environment for the target.
@@ -131,19 +132,20 @@ def count(target: str, quick: bool, compute_dtype: str) -> dict[str, Any]:
 
   config = lift.get_config('smoke' if quick else 'default')
   config.model.compute_dtype = compute_dtype
-  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
-  policy = DiffusionPolicy(config, shape_meta, benchmark._synthetic_normalizer(shape_meta))  # pylint: disable=protected-access
-  variables = policy.init(jax.random.key(0))
+  config.model.pallas_decoder = pallas
   sharding = _gpu_sharding() if target == 'h100' else None
-  result = {'config': config.name, 'compute_dtype': compute_dtype,
+  result = {'config': config.name, 'compute_dtype': compute_dtype, 'pallas_decoder': pallas,
             'sampler': config.diffusion.sampler,
             'num_inference_steps': config.diffusion.num_inference_steps, 'jax': jax.__version__}
   # The library picks its formulation by the backend it compiles for (C++ kernels and CPU
-  # convolution forms on CPU, XLA's ops elsewhere); a GPU target is not this process's default
-  # backend, so the library is told.
+  # convolution forms on CPU, XLA's ops or Pallas kernels elsewhere); a GPU target is not this
+  # process's default backend, so the library is told.
   backend = (mock.patch.object(jax, 'default_backend', return_value='gpu') if sharding
              else cpu_kernels.disabled())
   with backend:
+    shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+    policy = DiffusionPolicy(config, shape_meta, benchmark._synthetic_normalizer(shape_meta))  # pylint: disable=protected-access
+    variables = policy.init(jax.random.key(0))
     sampling_variables = jax.eval_shape(policy.sampling_variables, variables)
     for batch in (1, 2) if quick else (1, 28):
       obs = benchmark._synthetic_obs(shape_meta, batch, int(config.task.n_obs_steps))  # pylint: disable=protected-access
@@ -165,12 +167,15 @@ def main(argv=None) -> dict[str, Any]:
                       'kernels (to check this script)')
   parser.add_argument('--quick', action='store_true', help='the smoke config, batch 1 and 2')
   parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--pallas-decoder', action='store_true',
+                      help='config.model.pallas_decoder=True (for the h100 target)')
   args = parser.parse_args(argv)
   if args.target != 'cpu':
     # The CUDA plugin's version check looks for CUDA libraries, which compiling does not use.
     os.environ.setdefault('JAX_PLATFORMS', 'cpu,cuda')
     os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
-  report = {'target': args.target, **count(args.target, args.quick, args.compute_dtype)}
+  report = {'target': args.target, **count(args.target, args.quick, args.compute_dtype,
+                                                    args.pallas_decoder)}
   print(json.dumps(report, indent=2))
   return report
 

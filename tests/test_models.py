@@ -1,5 +1,6 @@
 """Tests for dpjax/models: masks, causality, parameter counts, PyTorch parity, crops, groups."""
 
+import contextlib
 import functools
 import math
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from configs.lift import get_config
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.models import cpu_kernels as cpu_kernels_lib
-from dpjax.models import param_groups
+from dpjax.models import pallas_decoder, param_groups
 from dpjax.models import transformer as transformer_lib
 from dpjax.models.obs_encoder import (ImageEncoder, ObservationEncoder, SpatialSoftmax,
                                       crop_images, output_dim)
@@ -774,59 +775,76 @@ def test_param_group_masks_follow_reference_groups():
     param_groups.transformer_decay_mask({'params': {'unknown': {'kernel': jnp.zeros(1)}}})
 
 
-@pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu'])
+@contextlib.contextmanager
+def _cached_denoise_path(path, monkeypatch, cpu_kernels_switch):
+  """Within: `cached_denoise` takes one of its paths — 'cpu_kernels', 'xla_cpu', 'xla_gpu' (the
+  library asks jax.default_backend() which form to build) or 'pallas' (the GPU kernels, in
+  Pallas' interpreter). Yields the model sizes the path needs (Triton's tiles for 'pallas')."""
+  if path != 'cpu_kernels':
+    monkeypatch.setattr(cpu_kernels_lib, cpu_kernels_switch, lambda *_: False)
+  if path == 'xla_gpu':
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  if path == 'pallas':
+    with pallas_decoder.interpreted():
+      yield dict(n_emb=32, n_head=2)
+  else:
+    yield {}
+
+
+@pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu', 'pallas'])
 @pytest.mark.parametrize('obs_as_cond,causal_attn', [(True, True), (True, False),
                                                       (False, True), (False, False)])
 def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkeypatch):
   """The sampler's step-invariant cache gives the module's own eval-mode outputs, through the
-  CPU kernels and through the XLA ops other backends and dtypes use (in the forms XLA:CPU and
-  XLA:GPU get: the library asks jax.default_backend())."""
-  cpu_kernels = path == 'cpu_kernels'
-  if not cpu_kernels:
-    monkeypatch.setattr(cpu_kernels_lib, 'enabled', lambda dtype: False)
-  if path == 'xla_gpu':
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  model, params, (sample, _, cond) = _small_transformer_with_params(
-      cond_dim=5 if obs_as_cond else 0, obs_as_cond=obs_as_cond, causal_attn=causal_attn)
-  timesteps = jnp.array([99, 57, 3, 0])
-  apply = _jit_apply(model)
-  constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
-  obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
-  assert constants.layers[0].ffn_in.kernel.ndim == (3 if cpu_kernels else 2)
-  # Jitted, as the sampler runs it: XLA's fusions, not op-by-op execution, are what is checked.
-  cached_denoise = jax.jit(functools.partial(transformer_lib.cached_denoise, model))
-  for step, t in enumerate(timesteps):
-    expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
-    got = cached_denoise(params['params'], constants, obs_memory, sample, jnp.int32(step))
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+  CPU kernels, through the XLA ops other backends and dtypes use (in the forms XLA:CPU and
+  XLA:GPU get), and through the GPU's Pallas kernels."""
+  with _cached_denoise_path(path, monkeypatch, 'enabled') as sizes:
+    model, params, (sample, _, cond) = _small_transformer_with_params(
+        cond_dim=5 if obs_as_cond else 0, obs_as_cond=obs_as_cond, causal_attn=causal_attn,
+        **sizes)
+    timesteps = jnp.array([99, 57, 3, 0])
+    apply = _jit_apply(model)
+    constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
+    obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
+    assert constants.layers[0].ffn_in.kernel.ndim == (3 if path == 'cpu_kernels' else 2)
+    # pylint: disable-next=protected-access
+    assert transformer_lib._on_pallas_kernels(model, constants.layers, 10) == (path == 'pallas')
+    # Jitted, as the sampler runs it: XLA's fusions, not op-by-op execution, are what is checked.
+    cached_denoise = jax.jit(functools.partial(transformer_lib.cached_denoise, model,
+                                               pallas=path == 'pallas'))
+    for step, t in enumerate(timesteps):
+      expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
+      got = cached_denoise(params['params'], constants, obs_memory, sample, jnp.int32(step))
+      np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu'])
+@pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu', 'pallas'])
 def test_cached_denoise_in_bfloat16_follows_the_module(path, monkeypatch):
   """Mixed precision: the cache's step (the decoder layer kernel on bfloat16 weights where the
   CPU has AVX512-BF16; else XLA's matmuls, beside the float32 attention and LayerNorm kernels
-  where the kernels run) stays within bfloat16 rounding of the module's bfloat16 eval-mode
-  outputs, and of float32."""
+  where the kernels run; or the GPU's Pallas kernels on bfloat16 weights) stays within bfloat16
+  rounding of the module's bfloat16 eval-mode outputs, and of float32."""
   cpu_kernels = path == 'cpu_kernels'
-  if not cpu_kernels:
-    monkeypatch.setattr(cpu_kernels_lib, '_usable', lambda: False)
-  if path == 'xla_gpu':
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  outputs = {}
-  for dtype in (jnp.float32, jnp.bfloat16):
-    model, params, (sample, _, cond) = _small_transformer_with_params(cond_dim=5, dtype=dtype)
-    timesteps = jnp.array([99, 3])
-    constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
-    obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
-    outputs[dtype] = [
-        (_jit_apply(model)(params, sample, jnp.full((sample.shape[0],), t), cond, train=False),
-         transformer_lib.cached_denoise(model, params['params'], constants, obs_memory, sample,
-                                        jnp.int32(step)))
-        for step, t in enumerate(timesteps)]
-  # pylint: disable-next=protected-access
-  uses_bf16_kernel = cpu_kernels and cpu_kernels_lib._bf16_dense_enabled()
-  assert constants.layers[0].ffn_in.kernel.ndim == (4 if uses_bf16_kernel else 2)
-  for (module_f32, _), (module_bf16, cached_bf16) in zip(*outputs.values()):
-    assert cached_bf16.dtype == jnp.float32
-    np.testing.assert_allclose(cached_bf16, module_bf16, atol=0.05)
-    np.testing.assert_allclose(cached_bf16, module_f32, atol=0.05)
+  with _cached_denoise_path(path, monkeypatch, '_usable') as sizes:
+    outputs = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+      model, params, (sample, _, cond) = _small_transformer_with_params(cond_dim=5, dtype=dtype,
+                                                                        **sizes)
+      timesteps = jnp.array([99, 3])
+      constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
+      obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
+      cached_denoise = jax.jit(functools.partial(transformer_lib.cached_denoise, model,
+                                                 pallas=path == 'pallas'))
+      outputs[dtype] = [
+          (_jit_apply(model)(params, sample, jnp.full((sample.shape[0],), t), cond, train=False),
+           cached_denoise(params['params'], constants, obs_memory, sample, jnp.int32(step)))
+          for step, t in enumerate(timesteps)]
+    # pylint: disable-next=protected-access
+    uses_bf16_kernel = cpu_kernels and cpu_kernels_lib._bf16_dense_enabled()
+    assert constants.layers[0].ffn_in.kernel.ndim == (4 if uses_bf16_kernel else 2)
+    # pylint: disable-next=protected-access
+    assert transformer_lib._on_pallas_kernels(model, constants.layers, 10) == (path == 'pallas')
+    for (module_f32, _), (module_bf16, cached_bf16) in zip(*outputs.values()):
+      assert cached_bf16.dtype == jnp.float32
+      np.testing.assert_allclose(cached_bf16, module_bf16, atol=0.05)
+      np.testing.assert_allclose(cached_bf16, module_f32, atol=0.05)

@@ -12,7 +12,7 @@ from configs import lift
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
-from dpjax.models import cpu_kernels, resnet
+from dpjax.models import cpu_kernels, pallas_decoder, resnet
 from dpjax.models.obs_encoder import output_dim
 
 IMAGE_SIZE, CROP = 32, (28, 28)
@@ -155,6 +155,27 @@ def test_sampling_variables_belong_to_their_sampler():
   with pytest.raises(ValueError, match=r"'decoder_constants'\] are for 100 sampling steps, this "
                                        'policy takes 10'):
     ddim.predict_action(policy.sampling_variables(variables), obs, jax.random.key(0))
+
+
+def test_pallas_decoder_samples_the_same_actions():
+  """config.model.pallas_decoder: the whole sampler (its scan over the Pallas kernels, in
+  Pallas' interpreter on this CPU) gives the actions of the default path."""
+  config = _config(p_drop_attn=0.0, n_emb=32, n_head=2, n_layer=2)
+  config.diffusion.num_inference_steps = 5
+  default = _make_policy(config)
+  config.model.pallas_decoder = True
+  pallas = _make_policy(config)
+  variables = default.init(jax.random.key(0))
+  obs = _batch(default.shape_meta, np.random.default_rng(3))['obs']
+  expected = default.predict_action(variables, obs, jax.random.key(4))['action_pred']
+  with cpu_kernels.disabled(), pallas_decoder.interpreted():  # Weights unpacked, as on a GPU.
+    got = pallas.predict_action(variables, obs, jax.random.key(4))['action_pred']
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pallas_decoder_needs_sizes_its_kernels_take():
+  with pytest.raises(ValueError, match=r'pallas_decoder=True needs .* n_emb=16, n_head=2'):
+    _make_policy(_config(pallas_decoder=True))  # smoke: E / H = 8
 
 
 @pytest.mark.parametrize('overrides', [dict(obs_as_cond=False),

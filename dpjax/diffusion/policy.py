@@ -21,6 +21,7 @@ through the inpainted entries, which are never loss targets, so features cannot 
 Parameters: `{'params': {'obs_encoder': ..., 'noise_model': ...}}`.
 """
 
+import logging
 from typing import Any, Mapping, Optional
 
 import chex
@@ -35,7 +36,7 @@ from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion import ddpm, sampling
 from dpjax.diffusion.schedules import make_noise_schedule
 from dpjax.models.obs_encoder import ObservationEncoder, output_dim
-from dpjax.models import resnet, transformer
+from dpjax.models import pallas_decoder, resnet, transformer
 from dpjax.models.transformer import TransformerForDiffusion
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -81,6 +82,8 @@ class DiffusionPolicy:
     self.action_dim = shape_meta.action_dim
     self.obs_as_cond = bool(model.obs_as_cond)
     self.pred_action_steps_only = bool(model.pred_action_steps_only)
+    # Absent from the configs of checkpoints saved before the option existed.
+    self._pallas_decoder = bool(model.get('pallas_decoder', False))
     self._check_config(model, diffusion)
 
     self.obs_feature_dim = output_dim(shape_meta, int(model.image_feature_dim))
@@ -152,6 +155,19 @@ class DiffusionPolicy:
     if self.pred_action_steps_only and not self.obs_as_cond:
       raise ValueError('config.model: pred_action_steps_only=True needs obs_as_cond=True (the '
                        'inpainting mode conditions on the first n_obs_steps of the full horizon)')
+    if self._pallas_decoder and not (
+        model.time_as_cond and model.n_cond_layers == 0 and pallas_decoder.fits(
+            int(model.n_emb), int(model.n_head), int(self.horizon))):
+      raise ValueError(
+          'config.model.pallas_decoder=True needs the cached decoder (time_as_cond=True, '
+          'n_cond_layers=0) and sizes its kernels take: n_emb ≥ 32 and n_emb / n_head ≥ 16, '
+          'powers of two, n_head · horizon (padded to a power of two ≥ 16) ≤ 128; got '
+          f'time_as_cond={model.time_as_cond}, n_cond_layers={model.n_cond_layers}, '
+          f'n_emb={model.n_emb}, n_head={model.n_head}, horizon={self.horizon}')
+    if self._pallas_decoder and not pallas_decoder.runs_here():
+      logging.warning('config.model.pallas_decoder=True: the Pallas kernels run on a single GPU '
+                      'only; sampling on %s × %d uses XLA\'s ops', jax.default_backend(),
+                      jax.device_count())
 
   @property
   def trajectory_shape(self) -> tuple[int, int]:
@@ -335,7 +351,7 @@ class DiffusionPolicy:
 
       def denoise(x, t):
         return transformer.cached_denoise(noise_model, params, constants, obs_memory, x,
-                                          jnp.asarray(step_of)[t])
+                                          jnp.asarray(step_of)[t], pallas=self._pallas_decoder)
     else:
 
       def denoise(x, t):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.models import conv_ops, cpu_kernels
+from dpjax.models import conv_ops, cpu_kernels, pallas_decoder
 
 LAYER_NORM_EPS = 1e-5
 weight_init = nn.initializers.normal(stddev=0.02)
@@ -548,13 +548,23 @@ def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
       dense.kernel.ndim > 2 for layer in layers for dense in layer)
 
 
+def _on_pallas_kernels(model: TransformerForDiffusion, layers: tuple[CachedDecoderLayer, ...],
+                       tokens: int) -> bool:
+  """Whether `cached_denoise` runs these layers on `pallas_decoder`'s four kernels per layer
+  (on a GPU: XLA's ops take ≥ 16)."""
+  return pallas_decoder.runs_here() and pallas_decoder.fits(
+      model.n_emb, model.n_head, tokens) and all(
+      dense.kernel.ndim == 2 for layer in layers for dense in layer)
+
+
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
                    constants: DecoderConstants, obs_memory: Optional[Sequence[jax.Array]],
-                   sample: jax.Array, step: jax.Array) -> jax.Array:
+                   sample: jax.Array, step: jax.Array, pallas: bool = False) -> jax.Array:
   """`model.apply({'params': params}, sample, timesteps[step], cond)` in eval mode, from
   `decoder_constants(model, params, timesteps)` and `observation_memory(..., cond)`.
 
-  sample (B, t, input_dim); step: int32 scalar index into the constants' timesteps.
+  sample (B, t, input_dim); step: int32 scalar index into the constants' timesteps; pallas:
+  run the decoder layers on `pallas_decoder`'s kernels where they run (a single GPU).
   Returns (B, t, output_dim) float32.
   """
   chex.assert_rank(sample, 3)
@@ -587,10 +597,16 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
     normalize = functools.partial(_normalize, dtype=dtype)
 
   x = cpu_kernels.dense(constants.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
+  layer_params = [params[f'decoder_layers_{i}'] for i in range(len(constants.layers))]
+  if pallas and _on_pallas_kernels(model, constants.layers, t):
+    x = pallas_decoder.decoder_layers(x, step, constants.time_memory, obs_memory, layer_params,
+                                      constants.layers, h, tgt_mask is not None,
+                                      mem_mask is not None, LAYER_NORM_EPS)
+    x = normalize(params['ln_f'], x)
+    return cpu_kernels.dense(constants.head, x).astype(jnp.float32)
   time_memory = constants.time_memory[step]
   if obs_memory is None:
     obs_memory = (jnp.zeros((b, 0, time_memory.shape[-1])),) * len(constants.layers)
-  layer_params = [params[f'decoder_layers_{i}'] for i in range(len(constants.layers))]
   if _on_layer_kernel(constants.layers):
     # Float32 between the kernel's layers (bfloat16 numbers in bfloat16): no conversions.
     x = x.astype(jnp.float32)
