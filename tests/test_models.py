@@ -805,10 +805,10 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkey
     timesteps = jnp.array([99, 57, 3, 0])
     apply = _jit_apply(model)
     constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
-    obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
+    obs_memory = transformer_lib.observation_memory(model, params['params'], cond,
+                                                    pallas=path == 'pallas')
     assert constants.layers[0].ffn_in.kernel.ndim == (3 if path == 'cpu_kernels' else 2)
-    # pylint: disable-next=protected-access
-    assert transformer_lib._on_pallas_kernels(model, constants.layers, 10) == (path == 'pallas')
+    assert transformer_lib.runs_pallas_decoder(model, constants, 10) == (path == 'pallas')
     # Jitted, as the sampler runs it: XLA's fusions, not op-by-op execution, are what is checked.
     cached_denoise = jax.jit(functools.partial(transformer_lib.cached_denoise, model,
                                                pallas=path == 'pallas'))
@@ -832,7 +832,8 @@ def test_cached_denoise_in_bfloat16_follows_the_module(path, monkeypatch):
                                                                         **sizes)
       timesteps = jnp.array([99, 3])
       constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
-      obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
+      obs_memory = transformer_lib.observation_memory(model, params['params'], cond,
+                                                      pallas=path == 'pallas')
       cached_denoise = jax.jit(functools.partial(transformer_lib.cached_denoise, model,
                                                  pallas=path == 'pallas'))
       outputs[dtype] = [
@@ -842,8 +843,7 @@ def test_cached_denoise_in_bfloat16_follows_the_module(path, monkeypatch):
     # pylint: disable-next=protected-access
     uses_bf16_kernel = cpu_kernels and cpu_kernels_lib._bf16_dense_enabled()
     assert constants.layers[0].ffn_in.kernel.ndim == (4 if uses_bf16_kernel else 2)
-    # pylint: disable-next=protected-access
-    assert transformer_lib._on_pallas_kernels(model, constants.layers, 10) == (path == 'pallas')
+    assert transformer_lib.runs_pallas_decoder(model, constants, 10) == (path == 'pallas')
     for (module_f32, _), (module_bf16, cached_bf16) in zip(*outputs.values()):
       assert cached_bf16.dtype == jnp.float32
       np.testing.assert_allclose(cached_bf16, module_bf16, atol=0.05)

@@ -345,13 +345,15 @@ class DiffusionPolicy:
             f'DiffusionPolicy.predict_action: variables[{DECODER_CONSTANTS!r}] are for '
             f'{constants.time_memory.shape[0]} sampling steps, this policy takes '
             f'{len(self._timesteps)}; make them with this policy\'s sampling_variables')
-      obs_memory = transformer.observation_memory(noise_model, params, cond)
+      pallas = self._pallas_decoder and transformer.runs_pallas_decoder(noise_model, constants,
+                                                                        shape[1])
+      obs_memory = transformer.observation_memory(noise_model, params, cond, pallas)
       step_of = np.zeros(self.schedule.num_train_timesteps, np.int32)
       step_of[self._timesteps] = np.arange(len(self._timesteps))
 
       def denoise(x, t):
         return transformer.cached_denoise(noise_model, params, constants, obs_memory, x,
-                                          jnp.asarray(step_of)[t], pallas=self._pallas_decoder)
+                                          jnp.asarray(step_of)[t], pallas)
     else:
 
       def denoise(x, t):

@@ -143,38 +143,57 @@ def _self_attention_kernel(qkv_ref, x_ref, w_ref, b_ref, out_ref, *, num_heads, 
   out_ref[...] = out + _product(heads, weights)
 
 
+def memory_blocks(rows: jax.Array, num_heads: int) -> jax.Array:
+  """Folded memory rows (..., H (2E + 1)) (`transformer.fold_cross_attention`) → (..., 2H' + 1,
+  E), the form the kernels read: the scores in rows [0, H'), the values in [H', 2H'), the
+  offsets at the start of row 2H', zero-padded to H' = max(16, H) heads (Triton's smallest
+  product tile)."""
+  e = (rows.shape[-1] // num_heads - 1) // 2
+  heads = max(_MIN_TOKENS, 1 << (num_heads - 1).bit_length())
+  lead = rows.shape[:-1]
+
+  def padded(part, count):  # (..., count · E) → (..., heads, E)
+    part = part.reshape(lead + (count, e))
+    return jnp.pad(part, [(0, 0)] * len(lead) + [(0, heads - count), (0, 0)])
+
+  he = num_heads * e
+  offsets = jnp.pad(rows[..., 2 * he:], [(0, 0)] * len(lead) + [(0, e - num_heads)])
+  return jnp.concatenate([padded(rows[..., :he], num_heads), padded(rows[..., he:2 * he],
+                                                                     num_heads),
+                          offsets[..., None, :]], axis=-2)
+
+
 def _cross_attention_ffn_in_kernel(x_ref, norm2_scale_ref, norm2_shift_ref, time_ref, *refs,
-                                   layer, num_heads, num_obs, memory_causal, eps):
-  """Cross-attention on the folded memory (`transformer.fold_cross_attention`): the step's time
-  row time_ref[layer] and the sequence's `num_obs` observation rows, each
-  [score (H, E) | value (H, E) | offset (H)]."""
+                                   layer, num_obs, memory_causal, eps):
+  """Cross-attention on the folded memory in `memory_blocks` form: the step's time row
+  time_ref[layer] and the sequence's `num_obs` observation rows. Every head's logits of a
+  memory row are one product, its share of the output another."""
   own_ref = refs[0] if num_obs else None
   (out_bias_ref, norm3_scale_ref, norm3_shift_ref, w_ref, b_ref, hidden_ref,
    x_out_ref) = refs[1:] if num_obs else refs
   x = x_ref[...]
-  padded, e = x.shape
-  he = num_heads * e
+  padded = x.shape[0]
+  heads = (time_ref.shape[1] - 1) // 2
 
-  def load_row(rows_ref, row, h):  # (score (E,), value (E,), offset) of head h
-    return (rows_ref[row, pl.ds(h * e, e)], rows_ref[row, pl.ds(he + h * e, e)],
-            rows_ref[row, 2 * he + h])
+  def load(rows_ref, row):  # scores (H', E), values (H', E), offsets (H',)
+    return (rows_ref[row, pl.ds(0, heads), :], rows_ref[row, pl.ds(heads, heads), :],
+            rows_ref[row, 2 * heads, pl.ds(0, heads)])
 
-  memory = [[load_row(time_ref, layer, h)]
-            + [load_row(own_ref, r, h) for r in range(num_obs)] for h in range(num_heads)]
+  memory = [load(time_ref, layer)] + [load(own_ref, r) for r in range(num_obs)]
   weights, bias = w_ref[...], b_ref[...].astype(jnp.float32)[None, :]
   attended = x + out_bias_ref[...][None, :]
   y = _layer_norm(x, norm2_scale_ref[...], norm2_shift_ref[...], eps)
-  query = jax.lax.broadcasted_iota(jnp.int32, (padded, 1), 0)
-  for rows in memory:
-    logits = []
-    for s, (score, _, offset) in enumerate(rows):
-      logit = jnp.sum(y * score[None, :], axis=1, keepdims=True) + offset
-      # Observation row s ≥ 1 is step s − 1, which action token t sees iff t ≥ s − 1.
-      if memory_causal and s > 0:
-        logit = jnp.where(query >= s - 1, logit, jnp.finfo(jnp.float32).min)
-      logits.append(logit)
-    for weight, (_, value, _) in zip(_softmax(logits), rows):
-      attended += weight * value[None, :]
+  query = jax.lax.broadcasted_iota(jnp.int32, (padded, heads), 0)
+  logits = []
+  for s, (scores, _, offsets) in enumerate(memory):
+    logit = _product(y, scores, transpose_weights=True) + offsets[None, :]  # (T', H')
+    # Observation row s ≥ 1 is step s − 1, which action token t sees iff t ≥ s − 1.
+    if memory_causal and s > 0:
+      logit = jnp.where(query >= s - 1, logit, jnp.finfo(jnp.float32).min)
+    logits.append(logit)
+  # Padded heads have zero values: whatever their weights, they add nothing.
+  for weight, (_, values, _) in zip(_softmax(logits), memory):
+    attended += _product(weight, values)
 
   @pl.when(pl.program_id(1) == 0)
   def _():
@@ -198,7 +217,8 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
   float32.
 
   step: int32 scalar, the row of time_memory (n_steps, n_layer, H (2E + 1)) this step uses;
-  obs_memory: per layer (B, To, H (2E + 1)) observation rows, or None; layer_params: each
+  obs_memory: per layer the `memory_blocks` (B, To, 2H' + 1, E) of its observation rows
+  (made once per sampling call), or None; layer_params: each
   layer's parameters (its norms and cross-attention out-projection bias); layers: each
   layer's `CachedDecoderLayer` of unpacked (K, N) weights; causal / memory_causal: whether the
   self- / cross-attention masks of SPEC §5 apply.
@@ -207,16 +227,16 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
   padded = _padded_tokens(length)
   num_obs = 0 if obs_memory is None else obs_memory[0].shape[1]
   x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, padded - length), (0, 0)))
-  time_rows = time_memory[step]
+  time_rows = memory_blocks(time_memory[step], num_heads)
 
   def whole(array):
     return pl.BlockSpec(array.shape, lambda i, j: (0,) * array.ndim)
 
   def rows(width):
-    return pl.BlockSpec((None, padded, width), lambda i, j: (i, 0, 0))
+    return pl.BlockSpec((pl.squeezed, padded, width), lambda i, j: (i, 0, 0))
 
   def row_columns(width):
-    return pl.BlockSpec((None, padded, width), lambda i, j: (i, 0, j))
+    return pl.BlockSpec((pl.squeezed, padded, width), lambda i, j: (i, 0, j))
 
   def product_specs(dense, width):
     return [pl.BlockSpec((dense.kernel.shape[0], width), lambda i, j: (0, j)),
@@ -227,7 +247,7 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
   qkv_columns = min(_PROJECTION_COLUMNS, d)
   per_part, per_head = e // qkv_columns, d // qkv_columns
   head_major_columns = pl.BlockSpec(
-      (None, None, None, padded, qkv_columns),
+      (pl.squeezed, pl.squeezed, pl.squeezed, padded, qkv_columns),
       lambda i, j: (i, j // per_part, j % per_part // per_head, 0, j % per_head))
 
   def call(kernel, grid_columns, in_specs, out_specs, out_shapes, *args):
@@ -246,16 +266,16 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
                   x, norm1['scale'], norm1['bias'], *dense.self_qkv)
     (x,) = call(functools.partial(_self_attention_kernel, num_heads=num_heads, length=length,
                                   causal=causal), e // _OUT_COLUMNS,
-                [pl.BlockSpec((None, 3, num_heads * padded, d), lambda i, j: (i, 0, 0, 0)),
+                [pl.BlockSpec((pl.squeezed, 3, num_heads * padded, d), lambda i, j: (i, 0, 0, 0)),
                  row_columns(_OUT_COLUMNS), *product_specs(dense.self_out, _OUT_COLUMNS)],
                 [row_columns(_OUT_COLUMNS)], [(padded, e)],
                 qkv.reshape(b, 3, num_heads * padded, d), x, *dense.self_out)
-    own = ([pl.BlockSpec((None,) + obs_memory[index].shape[1:], lambda i, j: (i, 0, 0))],
-           [obs_memory[index]]) if num_obs else ([], [])
+    own = ([pl.BlockSpec((pl.squeezed,) + obs_memory[index].shape[1:],
+                         lambda i, j: (i, 0, 0, 0))], [obs_memory[index]]) if num_obs else ([], [])
     out_bias = p['multihead_attn']['out_proj']['bias']
     hidden, x = call(
-        functools.partial(_cross_attention_ffn_in_kernel, layer=index, num_heads=num_heads,
-                          num_obs=num_obs, memory_causal=memory_causal, eps=eps),
+        functools.partial(_cross_attention_ffn_in_kernel, layer=index, num_obs=num_obs,
+                          memory_causal=memory_causal, eps=eps),
         4 * e // _PROJECTION_COLUMNS,
         [rows(e), whole(norm2['scale']), whole(norm2['bias']), whole(time_rows),
          *own[0], whole(out_bias), whole(norm3['scale']), whole(norm3['bias']),

@@ -522,10 +522,12 @@ def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
 
 
 def observation_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
-                       cond: Optional[jax.Array]) -> Optional[tuple[jax.Array, ...]]:
+                       cond: Optional[jax.Array],
+                       pallas: bool = False) -> Optional[tuple[jax.Array, ...]]:
   """The observation rows of every layer's folded cross-attention memory for `cached_denoise`,
   computed once per sampling call: n_layer arrays (B, To, H (2E + 1)) float32 for cond (B, To,
-  cond_dim) when model.obs_as_cond, else None.
+  cond_dim) when model.obs_as_cond, else None. With `pallas`, in the form the Pallas decoder
+  reads (`pallas_decoder.memory_blocks`).
 
   One array per layer, not one stacked array: the sampler's loop would slice a layer's rows out
   of the stack at every step, a copy (at batch 28, 460 KB per layer and step).
@@ -536,7 +538,10 @@ def observation_memory(model: TransformerForDiffusion, params: Mapping[str, Any]
   dtype = model.dtype
   tokens = _linear(params['cond_obs_emb'], cond, dtype) + params['cond_pos_emb'][0, 1:].astype(
       dtype)
-  return _folded_memory(model, params, _condition_memory(model, params, tokens))
+  rows = _folded_memory(model, params, _condition_memory(model, params, tokens))
+  if pallas:
+    return tuple(pallas_decoder.memory_blocks(r, model.n_head) for r in rows)
+  return rows
 
 
 def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
@@ -548,13 +553,15 @@ def _on_layer_kernel(layers: tuple[CachedDecoderLayer, ...]) -> bool:
       dense.kernel.ndim > 2 for layer in layers for dense in layer)
 
 
-def _on_pallas_kernels(model: TransformerForDiffusion, layers: tuple[CachedDecoderLayer, ...],
-                       tokens: int) -> bool:
-  """Whether `cached_denoise` runs these layers on `pallas_decoder`'s four kernels per layer
-  (on a GPU: XLA's ops take ≥ 16)."""
+def runs_pallas_decoder(model: TransformerForDiffusion, constants: DecoderConstants,
+                        tokens: int) -> bool:
+  """Whether `cached_denoise(..., pallas=True)` can run the decoder layers of `model` on
+  `pallas_decoder`'s kernels here, for `tokens` action tokens: four kernels per layer, where
+  XLA's ops take ≥ 16 on a GPU. Needs a backend they run on, sizes they take and unpacked
+  weights (the C++ kernels' packing is for CPUs)."""
   return pallas_decoder.runs_here() and pallas_decoder.fits(
       model.n_emb, model.n_head, tokens) and all(
-      dense.kernel.ndim == 2 for layer in layers for dense in layer)
+      dense.kernel.ndim == 2 for layer in constants.layers for dense in layer)
 
 
 def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
@@ -564,8 +571,8 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
   `decoder_constants(model, params, timesteps)` and `observation_memory(..., cond)`.
 
   sample (B, t, input_dim); step: int32 scalar index into the constants' timesteps; pallas:
-  run the decoder layers on `pallas_decoder`'s kernels where they run (a single GPU).
-  Returns (B, t, output_dim) float32.
+  run the decoder layers on `pallas_decoder`'s kernels (`runs_pallas_decoder` must hold), on
+  `observation_memory(..., pallas=True)`. Returns (B, t, output_dim) float32.
   """
   chex.assert_rank(sample, 3)
   b, t = sample.shape[:2]
@@ -598,7 +605,12 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
 
   x = cpu_kernels.dense(constants.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
   layer_params = [params[f'decoder_layers_{i}'] for i in range(len(constants.layers))]
-  if pallas and _on_pallas_kernels(model, constants.layers, t):
+  if pallas:
+    if not runs_pallas_decoder(model, constants, t):
+      raise ValueError(
+          'cached_denoise(pallas=True): the Pallas decoder does not run here (it needs a single '
+          f'GPU, n_emb / n_head sizes it takes and unpacked weights; backend '
+          f'{jax.default_backend()!r}, n_emb={model.n_emb}, n_head={model.n_head}, {t} tokens)')
     x = pallas_decoder.decoder_layers(x, step, constants.time_memory, obs_memory, layer_params,
                                       constants.layers, h, tgt_mask is not None,
                                       mem_mask is not None, LAYER_NORM_EPS)
