@@ -818,6 +818,21 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkey
       np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_pallas_decoder_lowers_to_triton_kernels(dtype, monkeypatch):
+  """Lowered for CUDA (no GPU needed), each decoder layer is four Triton kernels: the Triton
+  lowering, which Pallas' interpreter skips, takes every operation of the kernels."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  model, params, (sample, _, cond) = _small_transformer_with_params(n_emb=32, n_head=2,
+                                                                    dtype=dtype)
+  constants = transformer_lib.decoder_constants(model, params['params'], jnp.array([99, 3]))
+  obs_memory = transformer_lib.observation_memory(model, params['params'], cond, pallas=True)
+  step = jax.jit(functools.partial(transformer_lib.cached_denoise, model, pallas=True))
+  lowered = step.trace(params['params'], constants, obs_memory, sample, jnp.int32(1)).lower(
+      lowering_platforms=('cuda',))
+  assert lowered.as_text().count('__gpu$xla.gpu.triton') == 4 * model.n_layer
+
+
 @pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu', 'pallas'])
 def test_cached_denoise_in_bfloat16_follows_the_module(path, monkeypatch):
   """Mixed precision: the cache's step (the decoder layer kernel on bfloat16 weights where the

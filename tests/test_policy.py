@@ -160,7 +160,7 @@ def test_sampling_variables_belong_to_their_sampler():
 def test_pallas_decoder_samples_the_same_actions():
   """config.model.pallas_decoder: the whole sampler (its scan over the Pallas kernels, in
   Pallas' interpreter on this CPU) gives the actions of the default path."""
-  config = _config(p_drop_attn=0.0, n_emb=32, n_head=2, n_layer=2)
+  config = _config(p_drop_attn=0.0, n_emb=32, n_head=2)
   config.diffusion.num_inference_steps = 5
   default = _make_policy(config)
   config.model.pallas_decoder = True
