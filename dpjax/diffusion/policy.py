@@ -166,8 +166,8 @@ class DiffusionPolicy:
           f'n_emb={model.n_emb}, n_head={model.n_head}, horizon={self.horizon}')
     if self._pallas_decoder and not pallas_decoder.runs_here():
       logging.warning('config.model.pallas_decoder=True: the Pallas kernels run on a single GPU '
-                      'only; sampling on %s × %d uses XLA\'s ops', jax.default_backend(),
-                      jax.device_count())
+                      'only; sampling on %s × %d runs as without the option',
+                      jax.default_backend(), jax.device_count())
 
   @property
   def trajectory_shape(self) -> tuple[int, int]:

@@ -4,14 +4,19 @@ At batch 1 a GPU denoising step is bound by how many dependent kernels it launch
 arithmetic: on an H200 each of the ≈ 200 kernels XLA made of a step took ≈ 1.3 µs, and XLA's
 ops need ≥ 16 kernels per decoder layer (docs/performance.md; scripts/gpu_kernels.py counts
 them). Each kernel here splits only its weight product across programs, by output columns,
-and every program recomputes the cheap row-wise work before that product — LayerNorm,
-attention over ≤ 64 tokens, the folded cross-attention's few memory rows — so one layer is:
+and every program recomputes the cheap row-wise work before that product — LayerNorm, the
+heads' attention over ≤ 128 stacked rows, the folded cross-attention's few memory rows — so
+one layer is:
 
-  1. LayerNorm 1 → self-attention in-projection                          → qkv
-  2. causal self-attention → out-projection + residual                   → x
+  1. LayerNorm 1 → self-attention in-projection                          → q, k, v head-major
+  2. self-attention (all heads in one masked product) → out-projection + residual → x
   3. LayerNorm 2 → folded cross-attention + residual (→ x, program 0)
      → LayerNorm 3 → FFN in-projection → exact GELU                      → hidden
   4. FFN out-projection + residual                                       → x
+
+Written so that a program's loads are issued together rather than one product's operands at a
+time (Triton stages every product operand through shared memory behind a barrier, so a load
+used before the next is issued is a serial L2 round trip): docs/performance.md, session 19.
 
 Arithmetic as `transformer.cached_denoise`'s XLA path: products in the weights' dtype with
 float32 accumulation (float32 products at XLA:GPU's default precision), softmax and LayerNorm
@@ -44,7 +49,7 @@ _interpret_depth = 0
 
 @contextlib.contextmanager
 def interpreted() -> Iterator[None]:
-  """Within: `enabled` holds on every backend and the kernels run in Pallas' interpreter."""
+  """Within: `runs_here()` holds on every backend and the kernels run in Pallas' interpreter."""
   global _interpret_depth
   _interpret_depth += 1
   try:
@@ -62,7 +67,7 @@ def fits(n_emb: int, n_head: int, tokens: int) -> bool:
   width E / H ≥ 16, both powers of two, and the stacked self-attention H · T' ≤ 128 rows."""
   return (_is_power_of_two(n_emb) and n_emb >= _PROJECTION_COLUMNS and n_emb % n_head == 0
           and _is_power_of_two(n_emb // n_head) and n_emb // n_head >= 16
-          and n_head * _padded_tokens(tokens) <= 128)
+          and n_head * padded_tokens(tokens) <= 128)
 
 
 def runs_here() -> bool:
@@ -72,7 +77,8 @@ def runs_here() -> bool:
   return on_gpu or _interpret_depth > 0
 
 
-def _padded_tokens(tokens: int) -> int:
+def padded_tokens(tokens: int) -> int:
+  """T': the rows the kernels give `tokens` tokens, a power of two ≥ 16 (Triton's tiles)."""
   return max(_MIN_TOKENS, 1 << (tokens - 1).bit_length())
 
 
@@ -135,7 +141,8 @@ def _self_attention_kernel(qkv_ref, x_ref, w_ref, b_ref, out_ref, *, num_heads, 
   exps = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
   attended = _product(exps / jnp.sum(exps, axis=1, keepdims=True), v)  # (H·T', d)
   # Back to (T', E), head h in columns h·d…: tile the features across every head's columns,
-  # keep each row's own head, then sum each token's H rows — 0/1 products, exact.
+  # keep each row's own head, then sum each token's H rows. 0/1 products only move values
+  # (rounded to the product precision, as the out-projection's operand would be).
   tiled = _product(attended, (iota((d, e), 0) == iota((d, e), 1) % d).astype(dtype))
   own_head = iota((stacked, e), 0) // padded == iota((stacked, e), 1) // d
   tokens = (iota((padded, stacked), 0) == iota((padded, stacked), 1) % padded).astype(dtype)
@@ -224,7 +231,7 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
   self- / cross-attention masks of SPEC §5 apply.
   """
   b, length, e = x.shape
-  padded = _padded_tokens(length)
+  padded = padded_tokens(length)
   num_obs = 0 if obs_memory is None else obs_memory[0].shape[1]
   x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, padded - length), (0, 0)))
   time_rows = memory_blocks(time_memory[step], num_heads)
