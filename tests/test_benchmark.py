@@ -21,6 +21,7 @@ def test_quick_benchmark_reports_every_field(tmp_path):
   report = json.loads(output.read_text())
 
   assert report['quick'] is True
+  assert report['pallas_decoder'] is False  # Not asked for (and its kernels need a GPU).
   for key in ('device_kind', 'platform', 'device_count', 'jax', 'jaxlib', 'cpu_count', 'threads',
               'cpu_kernels', 'host_allocator'):
     assert key in report['system'], key
