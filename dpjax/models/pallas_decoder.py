@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 # batch-1 product still spreads its weights over 8–32 of the GPU's SMs.
 _PROJECTION_COLUMNS = 32  # The in-projections, E → 3E and E → 4E.
 _OUT_COLUMNS = 16  # The products back to E columns (the FFN's reads 4E rows per column).
-_MIN_TOKENS = 16
+_MIN_TILE = 16  # Triton's smallest product dimension.
 _COMPILER_PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
 _interpret_depth = 0
@@ -79,7 +79,7 @@ def runs_here() -> bool:
 
 def padded_tokens(tokens: int) -> int:
   """T': the rows the kernels give `tokens` tokens, a power of two ≥ 16 (Triton's tiles)."""
-  return max(_MIN_TOKENS, 1 << (tokens - 1).bit_length())
+  return max(_MIN_TILE, 1 << (tokens - 1).bit_length())
 
 
 def _product(x: jax.Array, weights: jax.Array, transpose_weights: bool = False) -> jax.Array:
@@ -156,17 +156,17 @@ def memory_blocks(rows: jax.Array, num_heads: int) -> jax.Array:
   offsets at the start of row 2H', zero-padded to H' = max(16, H) heads (Triton's smallest
   product tile)."""
   e = (rows.shape[-1] // num_heads - 1) // 2
-  heads = max(_MIN_TOKENS, 1 << (num_heads - 1).bit_length())
+  heads = max(_MIN_TILE, 1 << (num_heads - 1).bit_length())
   lead = rows.shape[:-1]
+  unpadded = [(0, 0)] * len(lead)
 
-  def padded(part, count):  # (..., count · E) → (..., heads, E)
-    part = part.reshape(lead + (count, e))
-    return jnp.pad(part, [(0, 0)] * len(lead) + [(0, heads - count), (0, 0)])
+  def head_rows(part):  # (..., H · E) → (..., H', E)
+    return jnp.pad(part.reshape(lead + (num_heads, e)),
+                   unpadded + [(0, heads - num_heads), (0, 0)])
 
   he = num_heads * e
-  offsets = jnp.pad(rows[..., 2 * he:], [(0, 0)] * len(lead) + [(0, e - num_heads)])
-  return jnp.concatenate([padded(rows[..., :he], num_heads), padded(rows[..., he:2 * he],
-                                                                     num_heads),
+  offsets = jnp.pad(rows[..., 2 * he:], unpadded + [(0, e - num_heads)])
+  return jnp.concatenate([head_rows(rows[..., :he]), head_rows(rows[..., he:2 * he]),
                           offsets[..., None, :]], axis=-2)
 
 
