@@ -398,7 +398,7 @@ def main(argv=None) -> dict[str, Any]:
                       'predict, train and encoder figures; parameters stay float32')
   parser.add_argument('--pallas-decoder', action='store_true',
                       help='sample with config.model.pallas_decoder=True (its kernels run on a '
-                      'single GPU; elsewhere XLA\'s ops run as without it)')
+                      'single GPU; elsewhere sampling runs as without it)')
   parser.add_argument('--output', default='benchmark.json')
   args = parser.parse_args(argv)
   args.repeats = args.repeats or (2 if args.quick else 5)
