@@ -13,6 +13,10 @@ TCMALLOC = $(shell PATH="$$PATH:/sbin:/usr/sbin" ldconfig -p | \
   awk '/libtcmalloc_minimal\.so\.4 /{print $$NF; exit}')
 RUN = $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) $(PY)
 
+# pytest-xdist: a worker per core, at most 4 (each loads JAX, TensorFlow, PyTorch and MuJoCo),
+# whole files per worker (test_launch.py's tests share one training run). ARGS="-n 0": serial.
+PYTEST = $(RUN) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
+
 .PHONY: train test benchmark
 
 $(VENV)/.installed: requirements.txt
@@ -31,8 +35,8 @@ train: $(VENV)/.installed
 
 # tests/rendering runs in its own process: MuJoCo rendering crashes next to TensorFlow.
 test: $(VENV)/.installed-test
-	$(RUN) -m pytest -q tests/rendering $(ARGS)
-	$(RUN) -m pytest -q tests --ignore=tests/rendering $(ARGS)
+	$(PYTEST) tests/rendering $(ARGS)
+	$(PYTEST) tests --ignore=tests/rendering $(ARGS)
 
 # The torch_reference figure needs requirements-test.txt.
 benchmark: $(VENV)/.installed-test

@@ -133,7 +133,7 @@ def test_padded_batches_never_recompile():
 
 def test_scripted_expert_succeeds_in_robosuite():
   # The expert reads privileged state only, so rendering is off here to keep the test fast;
-  # tests/test_evaluation_script.py runs the rendered path (policy, cameras, video).
+  # tests/test_launch.py runs the rendered path (policy, cameras, video) through scripts/eval.py.
   config = lift.get_config()
   result = runner.evaluate_expert(config, num_episodes=4, num_envs=2, use_cameras=False,
                                   progress=False)

@@ -23,6 +23,8 @@ def test_side_by_side_pads_to_even_and_scales():
     video.side_by_side(_frame(1), ('left', 'missing'))
 
 
+# imageio's ffmpeg subprocess forks (then execs at once) from a process where JAX's threads run.
+@pytest.mark.filterwarnings('ignore:os.fork.. was called:RuntimeWarning')
 def test_written_mp4_plays_back(tmp_path):
   frames = [_frame(t, size=(16, 16)) for t in range(12)]
   path = video.write_episode_video(tmp_path / video.episode_video_name('test', 7, False), frames,

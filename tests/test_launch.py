@@ -1,5 +1,6 @@
-"""End to end through launch.py with the smoke config: train, checkpoint, restore, sample; resume
-after SIGKILL; two processes with jax.distributed; bad config values.
+"""End to end through launch.py with the smoke config: train, checkpoint, restore, sample; evaluate
+the trained run with scripts/eval.py in rendered robosuite; resume after SIGKILL; two processes
+with jax.distributed; bad config values.
 
 One module-scoped run (A) starts from an empty data_dir, so it also generates the demos and
 builds the dataset; the other runs reuse that data_dir. All runs share a persistent XLA cache
@@ -16,6 +17,7 @@ import textwrap
 import time
 import types
 
+import imageio.v2 as imageio
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -127,6 +129,48 @@ def test_launch_trains_checkpoints_restores_and_samples(run_a):
   assert result['action_pred'].shape == (batch_size, 10, 7)
   action = np.asarray(result['action'])
   assert np.isfinite(action).all() and np.abs(action).max() <= 1.0 + 1e-5
+
+
+# subprocess forks (then execs at once) from a process where JAX's threads run: safe.
+@pytest.mark.filterwarnings('ignore:os.fork.. was called:RuntimeWarning')
+def test_eval_script_on_the_trained_run(run_a, tmp_path):
+  output_dir = tmp_path / 'eval'
+  proc = subprocess.run(
+      [sys.executable, 'scripts/eval.py', '--workdir', str(run_a.workdir), '--num_episodes', '1',
+       '--num_envs', '1', '--video_episodes', '1', '--sampler', 'ddim',
+       '--num_inference_steps', '2', '--n_action_steps', '4', '--output_dir', str(output_dir),
+       '--no_progress'],
+      cwd=REPO, env=_env(run_a.root), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+
+  assert 'evaluation of lift_smoke (diffusion, 1 envs)' in proc.stdout
+  result = json.loads((output_dir / 'eval.json').read_text())
+  assert result['config_name'] == 'lift_smoke'
+  assert result['checkpoint_step'] == FINAL_STEP
+  assert result['settings']['sampler'] == 'ddim'
+  assert result['settings']['num_inference_steps'] == 2
+  assert result['settings']['n_action_steps'] == 4  # The checkpoint's config says 8.
+  (episode,) = result['episodes']
+  assert episode['seed'] == 100000 and not episode['crashed']
+  assert 0 < episode['steps'] <= 16  # The run's config.eval.max_steps.
+  assert result['test']['num_episodes'] == 1
+  assert result['test']['success_rate'] == float(episode['success'])
+  low, high = result['test']['success_ci95']
+  assert 0.0 <= low <= result['test']['success_rate'] <= high <= 1.0
+  assert result['timing']['env_steps'] == episode['steps']
+  assert result['timing']['policy_calls'] == -(-episode['steps'] // 4)
+  assert set(result['scalars']) >= {'test/success_rate', 'eval/env_steps_per_s',
+                                    'eval/policy_share'}
+
+  outcome = 'success' if episode['success'] else 'failure'
+  assert os.listdir(output_dir / 'videos') == [f'test_100000_{outcome}.mp4']
+  assert episode['video'] == str(output_dir / 'videos' / f'test_100000_{outcome}.mp4')
+  frames = imageio.mimread(episode['video'], memtest=False)
+  # One frame per observation (reset + each step): agentview and wrist view side by side, 2x.
+  assert len(frames) == episode['steps'] + 1
+  assert frames[0].shape == (168, 336, 3)
+  # Both halves show a rendered scene, not a blank frame.
+  assert frames[0][:, :168].std() > 5 and frames[0][:, 168:].std() > 5
 
 
 def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a):
