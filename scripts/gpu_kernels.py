@@ -174,8 +174,8 @@ def main(argv=None) -> dict[str, Any]:
     # The CUDA plugin's version check looks for CUDA libraries, which compiling does not use.
     os.environ.setdefault('JAX_PLATFORMS', 'cpu,cuda')
     os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
-  report = {'target': args.target, **count(args.target, args.quick, args.compute_dtype,
-                                                    args.pallas_decoder)}
+  report = {'target': args.target,
+            **count(args.target, args.quick, args.compute_dtype, args.pallas_decoder)}
   print(json.dumps(report, indent=2))
   return report
 
