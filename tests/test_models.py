@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -821,16 +822,20 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkey
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_pallas_decoder_lowers_to_triton_kernels(dtype, monkeypatch):
   """Lowered for CUDA (no GPU needed), each decoder layer is four Triton kernels: the Triton
-  lowering, which Pallas' interpreter skips, takes every operation of the kernels."""
+  lowering, which Pallas' interpreter skips, takes every operation of the kernels. The FFN
+  out-projection's loop (2 chunks of its 4E = 512 rows here) is software-pipelined."""
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  model, params, (sample, _, cond) = _small_transformer_with_params(n_emb=32, n_head=2,
+  model, params, (sample, _, cond) = _small_transformer_with_params(n_emb=128, n_head=2,
                                                                     dtype=dtype)
   constants = transformer_lib.decoder_constants(model, params['params'], jnp.array([99, 3]))
   obs_memory = transformer_lib.observation_memory(model, params['params'], cond, pallas=True)
   step = jax.jit(functools.partial(transformer_lib.cached_denoise, model, pallas=True))
   lowered = step.trace(params['params'], constants, obs_memory, sample, jnp.int32(1)).lower(
       lowering_platforms=('cuda',))
-  assert lowered.as_text().count('__gpu$xla.gpu.triton') == 4 * model.n_layer
+  calls = re.findall(r'__gpu\$xla\.gpu\.triton.*', lowered.as_text())
+  assert len(calls) == 4 * model.n_layer
+  ffn_out = [call for call in calls if 'name = "_ffn_out_kernel"' in call]
+  assert len(ffn_out) == model.n_layer and all('num_stages = 2' in call for call in ffn_out)
 
 
 @pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu', 'pallas'])

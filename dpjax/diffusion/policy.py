@@ -157,13 +157,16 @@ class DiffusionPolicy:
                        'inpainting mode conditions on the first n_obs_steps of the full horizon)')
     if self._pallas_decoder and not (
         model.time_as_cond and model.n_cond_layers == 0 and pallas_decoder.fits(
-            int(model.n_emb), int(model.n_head), int(self.horizon))):
+            int(model.n_emb), int(model.n_head), int(self.horizon),
+            1 + (self.n_obs_steps if self.obs_as_cond else 0))):
       raise ValueError(
           'config.model.pallas_decoder=True needs the cached decoder (time_as_cond=True, '
           'n_cond_layers=0) and sizes its kernels take: n_emb ≥ 32 and n_emb / n_head ≥ 16, '
-          'powers of two, n_head · horizon (padded to a power of two ≥ 16) ≤ 128; got '
+          'powers of two, n_head · horizon and n_head · (1 + n_obs_steps) (each padded to a '
+          'power of two ≥ 16) ≤ min(n_emb, 128); got '
           f'time_as_cond={model.time_as_cond}, n_cond_layers={model.n_cond_layers}, '
-          f'n_emb={model.n_emb}, n_head={model.n_head}, horizon={self.horizon}')
+          f'n_emb={model.n_emb}, n_head={model.n_head}, horizon={self.horizon}, '
+          f'n_obs_steps={self.n_obs_steps}')
     if self._pallas_decoder and not pallas_decoder.runs_here():
       logging.warning('config.model.pallas_decoder=True: the Pallas kernels run on a single GPU '
                       'only; sampling on %s × %d runs as without the option',

@@ -10,13 +10,15 @@ one layer is:
 
   1. LayerNorm 1 → self-attention in-projection                          → q, k, v head-major
   2. self-attention (all heads in one masked product) → out-projection + residual → x
-  3. LayerNorm 2 → folded cross-attention + residual (→ x, program 0)
-     → LayerNorm 3 → FFN in-projection → exact GELU                      → hidden
-  4. FFN out-projection + residual                                       → x
+  3. LayerNorm 2 → folded cross-attention (all heads on all memory rows in one product)
+     + residual (→ x, program 0) → LayerNorm 3 → FFN in-projection → exact GELU → hidden
+  4. FFN out-projection (a pipelined loop over its 4E rows) + residual   → x
 
 Written so that a program's loads are issued together rather than one product's operands at a
 time (Triton stages every product operand through shared memory behind a barrier, so a load
-used before the next is issued is a serial L2 round trip): docs/performance.md, session 19.
+used before the next is issued is a serial L2 round trip): docs/performance.md, session 19 —
+and without register spills, which loading 100 KB or more at once into registers caused
+(session 21): larger operands go through a loop that Triton pipelines into shared memory.
 
 Arithmetic as `transformer.cached_denoise`'s XLA path: products in the weights' dtype with
 float32 accumulation (float32 products at XLA:GPU's default precision), softmax and LayerNorm
@@ -43,6 +45,13 @@ _PROJECTION_COLUMNS = 32  # The in-projections, E → 3E and E → 4E.
 _OUT_COLUMNS = 16  # The products back to E columns (the FFN's reads 4E rows per column).
 _MIN_TILE = 16  # Triton's smallest product dimension.
 _COMPILER_PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
+# The FFN out-projection's weight rows per pipelined load (`_ffn_out_kernel`).
+_FFN_OUT_CHUNK = 256
+# Software-pipelining depth (Triton's num_stages) of a kernel's loop: the FFN out-projection's
+# 4E = 1024 rows (Lift) in 4 chunks, three in flight ahead of the one in use (96 KB of shared
+# memory in float32).
+_MAX_STAGES = 4
+_MASKED = float(jnp.finfo(jnp.float32).min)  # A masked logit.
 
 _interpret_depth = 0
 
@@ -58,16 +67,26 @@ def interpreted() -> Iterator[None]:
     _interpret_depth -= 1
 
 
+def _pipelined(chunks: int) -> plgpu.CompilerParams:
+  """Compiler parameters for a kernel whose loop over `chunks` chunks Triton pipelines: up to
+  _MAX_STAGES − 1 chunks' loads in flight ahead of the one in use (asynchronous copies into
+  shared memory, not through registers)."""
+  return plgpu.CompilerParams(num_warps=4, num_stages=min(_MAX_STAGES, chunks))
+
+
 def _is_power_of_two(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
-def fits(n_emb: int, n_head: int, tokens: int) -> bool:
+def fits(n_emb: int, n_head: int, tokens: int, memory_rows: int) -> bool:
   """Whether the kernels take a decoder of these sizes: Triton's tiles need E ≥ 32 and the head
-  width E / H ≥ 16, both powers of two, and the stacked self-attention H · T' ≤ 128 rows."""
+  width E / H ≥ 16, both powers of two; the stacked self-attention's H · T' rows and the
+  memory tile's R rows (H per memory row: the time row and the observation rows) at most 128,
+  R at most E."""
   return (_is_power_of_two(n_emb) and n_emb >= _PROJECTION_COLUMNS and n_emb % n_head == 0
           and _is_power_of_two(n_emb // n_head) and n_emb // n_head >= 16
-          and n_head * padded_tokens(tokens) <= 128)
+          and n_head * padded_tokens(tokens) <= 128
+          and memory_tile_rows(n_head, memory_rows) <= min(n_emb, 128))
 
 
 def runs_here() -> bool:
@@ -105,14 +124,6 @@ def _erf(x: jax.Array) -> jax.Array:
   return jnp.where(x < 0, -magnitude, magnitude)
 
 
-def _softmax(logits: Sequence[jax.Array]) -> list[jax.Array]:
-  """Softmax across same-shaped logits, elementwise (masked ones at the float32 minimum)."""
-  top = functools.reduce(jnp.maximum, logits)
-  exps = [jnp.exp(logit - top) for logit in logits]
-  total = functools.reduce(jnp.add, exps)
-  return [e / total for e in exps]
-
-
 def _qkv_kernel(x_ref, scale_ref, shift_ref, w_ref, b_ref, qkv_ref, *, eps):
   y = _layer_norm(x_ref[...], scale_ref[...], shift_ref[...], eps)
   qkv_ref[...] = _product(y, w_ref[...]) + b_ref[...].astype(jnp.float32)[None, :]
@@ -136,8 +147,7 @@ def _self_attention_kernel(qkv_ref, x_ref, w_ref, b_ref, out_ref, *, num_heads, 
   row, col = iota((stacked, stacked), 0), iota((stacked, stacked), 1)
   visible = row // padded == col // padded
   visible &= (col % padded <= row % padded) if causal else (col % padded < length)
-  logits = jnp.where(visible, _product(q, k, transpose_weights=True) / math.sqrt(d),
-                     jnp.finfo(jnp.float32).min)
+  logits = jnp.where(visible, _product(q, k, transpose_weights=True) / math.sqrt(d), _MASKED)
   exps = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
   attended = _product(exps / jnp.sum(exps, axis=1, keepdims=True), v)  # (H·T', d)
   # Back to (T', E), head h in columns h·d…: tile the features across every head's columns,
@@ -150,57 +160,81 @@ def _self_attention_kernel(qkv_ref, x_ref, w_ref, b_ref, out_ref, *, num_heads, 
   out_ref[...] = out + _product(heads, weights)
 
 
-def memory_blocks(rows: jax.Array, num_heads: int) -> jax.Array:
-  """Folded memory rows (..., H (2E + 1)) (`transformer.fold_cross_attention`) → (..., 2H' + 1,
-  E), the form the kernels read: the scores in rows [0, H'), the values in [H', 2H'), the
-  offsets at the start of row 2H', zero-padded to H' = max(16, H) heads (Triton's smallest
-  product tile)."""
+def memory_tile_rows(num_heads: int, memory_rows: int) -> int:
+  """R: the rows of the tile that stacks every head of `memory_rows` folded memory rows (the
+  time row, then the observation rows), a power of two ≥ 16 (Triton's smallest product tile)."""
+  return padded_tokens(memory_rows * num_heads)
+
+
+def memory_blocks(rows: jax.Array, num_heads: int, first_row: int,
+                  memory_rows: int) -> jax.Array:
+  """Folded memory rows (..., S, H (2E + 1)) (`transformer.fold_cross_attention`) that are rows
+  [first_row, first_row + S) of a layer's `memory_rows` → (..., 2R + 1, E), R =
+  `memory_tile_rows`, the form the kernels read: memory row s, head h at row (first_row + s) H + h
+  of the scores [0, R) and of the values [R, 2R), its offset in row 2R at that column; zeros
+  elsewhere. The step's time row (first_row 0) and the observation rows (first_row 1) are kept
+  apart in this form and added by the kernel into one tile: the attention of all heads on all
+  memory rows is then one product for the logits and one for the output."""
   e = (rows.shape[-1] // num_heads - 1) // 2
-  heads = max(_MIN_TILE, 1 << (num_heads - 1).bit_length())
-  lead = rows.shape[:-1]
+  tile = memory_tile_rows(num_heads, memory_rows)
+  lead, stacked = rows.shape[:-2], rows.shape[-2] * num_heads
+  before, after = first_row * num_heads, tile - first_row * num_heads - stacked
   unpadded = [(0, 0)] * len(lead)
 
-  def head_rows(part):  # (..., H · E) → (..., H', E)
-    return jnp.pad(part.reshape(lead + (num_heads, e)),
-                   unpadded + [(0, heads - num_heads), (0, 0)])
+  def head_rows(part):  # (..., S, H · E) → (..., R, E)
+    return jnp.pad(part.reshape(lead + (stacked, e)), unpadded + [(before, after), (0, 0)])
 
   he = num_heads * e
-  offsets = jnp.pad(rows[..., 2 * he:], unpadded + [(0, e - num_heads)])
+  offsets = jnp.pad(rows[..., 2 * he:].reshape(lead + (stacked,)),
+                    unpadded + [(before, e - before - stacked)])
   return jnp.concatenate([head_rows(rows[..., :he]), head_rows(rows[..., he:2 * he]),
                           offsets[..., None, :]], axis=-2)
 
 
 def _cross_attention_ffn_in_kernel(x_ref, norm2_scale_ref, norm2_shift_ref, time_ref, *refs,
-                                   layer, num_obs, memory_causal, eps):
-  """Cross-attention on the folded memory in `memory_blocks` form: the step's time row
-  time_ref[layer] and the sequence's `num_obs` observation rows. Every head's logits of a
-  memory row are one product, its share of the output another."""
+                                   layer, num_heads, num_obs, memory_causal, eps):
+  """Cross-attention on the folded memory in `memory_blocks` form — the step's time rows
+  time_ref[layer] and, with `num_obs`, the sequence's observation rows — added into one tile:
+  every head's logits on every memory row are one product, the output another; each head's
+  softmax runs over its columns."""
   own_ref = refs[0] if num_obs else None
   (out_bias_ref, norm3_scale_ref, norm3_shift_ref, w_ref, b_ref, hidden_ref,
    x_out_ref) = refs[1:] if num_obs else refs
   x = x_ref[...]
   padded = x.shape[0]
-  heads = (time_ref.shape[1] - 1) // 2
+  tile = (time_ref.shape[1] - 1) // 2
 
-  def load(rows_ref, row):  # scores (H', E), values (H', E), offsets (H',)
-    return (rows_ref[row, pl.ds(0, heads), :], rows_ref[row, pl.ds(heads, heads), :],
-            rows_ref[row, 2 * heads, pl.ds(0, heads)])
+  def load(rows_ref, *row):  # scores (R, E), values (R, E), offsets (R,)
+    return (rows_ref[(*row, pl.ds(0, tile), slice(None))],
+            rows_ref[(*row, pl.ds(tile, tile), slice(None))],
+            rows_ref[(*row, 2 * tile, pl.ds(0, tile))])
 
-  memory = [load(time_ref, layer)] + [load(own_ref, r) for r in range(num_obs)]
+  scores, values, offsets = load(time_ref, layer)
+  if num_obs:
+    scores, values, offsets = (a + b for a, b in zip((scores, values, offsets), load(own_ref)))
   weights, bias = w_ref[...], b_ref[...].astype(jnp.float32)[None, :]
-  attended = x + out_bias_ref[...][None, :]
   y = _layer_norm(x, norm2_scale_ref[...], norm2_shift_ref[...], eps)
-  query = jax.lax.broadcasted_iota(jnp.int32, (padded, heads), 0)
-  logits = []
-  for s, (scores, _, offsets) in enumerate(memory):
-    logit = _product(y, scores, transpose_weights=True) + offsets[None, :]  # (T', H')
-    # Observation row s ≥ 1 is step s − 1, which action token t sees iff t ≥ s − 1.
-    if memory_causal and s > 0:
-      logit = jnp.where(query >= s - 1, logit, jnp.finfo(jnp.float32).min)
-    logits.append(logit)
-  # Padded heads have zero values: whatever their weights, they add nothing.
-  for weight, (_, values, _) in zip(_softmax(logits), memory):
-    attended += _product(weight, values)
+  logits = _product(y, scores, transpose_weights=True) + offsets[None, :]  # (T', R)
+  query = jax.lax.broadcasted_iota(jnp.int32, (padded, tile), 0)
+  column = jax.lax.broadcasted_iota(jnp.int32, (padded, tile), 1)
+  memory_row, head = column // num_heads, column % num_heads
+  visible = memory_row <= num_obs
+  if memory_causal:  # Observation row s ≥ 1 is step s − 1, seen by action token t iff t ≥ s − 1.
+    visible &= query >= memory_row - 1
+  logits = jnp.where(visible, logits, _MASKED)
+  # Each head's softmax over its columns h, H + h, …: its maximum and sum by masked row
+  # reductions, spread back to its columns.
+  own_head = [head == h for h in range(num_heads)]
+
+  def per_head(reduce, array, fill):
+    return functools.reduce(jnp.add, [
+        jnp.where(mask, reduce(jnp.where(mask, array, fill), axis=1, keepdims=True), 0.0)
+        for mask in own_head])
+
+  exps = jnp.where(visible, jnp.exp(logits - per_head(jnp.max, logits, _MASKED)), 0.0)
+  # The time row is visible to every token, so no head's sum is zero.
+  attended = (x + out_bias_ref[...][None, :]
+              + _product(exps / per_head(jnp.sum, exps, 0.0), values))
 
   @pl.when(pl.program_id(1) == 0)
   def _():
@@ -211,30 +245,39 @@ def _cross_attention_ffn_in_kernel(x_ref, norm2_scale_ref, norm2_shift_ref, time
   hidden_ref[...] = 0.5 * z * (1.0 + _erf(z * (1.0 / math.sqrt(2.0))))
 
 
-def _ffn_out_kernel(hidden_ref, x_ref, w_ref, b_ref, out_ref):
-  out_ref[...] = (x_ref[...] + b_ref[...].astype(jnp.float32)[None, :]
-                  + _product(hidden_ref[...], w_ref[...]))
+def _ffn_out_kernel(hidden_ref, x_ref, w_ref, b_ref, out_ref, *, chunk):
+  """The 4E-long product in a loop over `chunk` rows of the weights, which Triton pipelines
+  (`_pipelined`): every chunk's loads in flight, straight into shared memory. As one product
+  its 128 KB of float32 operands went through registers, and ptxas spilled them (3.6 KB per
+  thread, docs/performance.md, session 21)."""
+
+  def accumulate(i, total):
+    rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+    return total + _product(hidden_ref[:, rows], w_ref[rows, :])
+
+  total = jax.lax.fori_loop(0, w_ref.shape[0] // chunk, accumulate,
+                            jnp.zeros(out_ref.shape, jnp.float32))
+  out_ref[...] = x_ref[...] + b_ref[...].astype(jnp.float32)[None, :] + total
 
 
 def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
-                   obs_memory: Optional[Sequence[jax.Array]],
+                   obs_memory: Optional[Sequence[jax.Array]], num_obs: int,
                    layer_params: Sequence[Mapping[str, Any]], layers: Sequence[Any],
                    num_heads: int, causal: bool, memory_causal: bool, eps: float) -> jax.Array:
   """x (B, T, E) float32 through every decoder layer of `transformer.cached_denoise` → (B, T, E)
   float32.
 
   step: int32 scalar, the row of time_memory (n_steps, n_layer, H (2E + 1)) this step uses;
-  obs_memory: per layer the `memory_blocks` (B, To, 2H' + 1, E) of its observation rows
-  (made once per sampling call), or None; layer_params: each
+  obs_memory: per layer the `memory_blocks` (B, 2R + 1, E) of its num_obs observation rows
+  (made once per sampling call), or None (num_obs 0); layer_params: each
   layer's parameters (its norms and cross-attention out-projection bias); layers: each
   layer's `CachedDecoderLayer` of unpacked (K, N) weights; causal / memory_causal: whether the
   self- / cross-attention masks of SPEC §5 apply.
   """
   b, length, e = x.shape
   padded = padded_tokens(length)
-  num_obs = 0 if obs_memory is None else obs_memory[0].shape[1]
   x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, padded - length), (0, 0)))
-  time_rows = memory_blocks(time_memory[step], num_heads)
+  time_rows = memory_blocks(time_memory[step][:, None], num_heads, 0, 1 + num_obs)
 
   def whole(array):
     return pl.BlockSpec(array.shape, lambda i, j: (0,) * array.ndim)
@@ -257,12 +300,15 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
       (pl.squeezed, pl.squeezed, pl.squeezed, padded, qkv_columns),
       lambda i, j: (i, j // per_part, j % per_part // per_head, 0, j % per_head))
 
-  def call(kernel, grid_columns, in_specs, out_specs, out_shapes, *args):
+  def call(kernel, grid_columns, in_specs, out_specs, out_shapes, *args,
+           compiler_params=_COMPILER_PARAMS):
     out_shape = [jax.ShapeDtypeStruct((b,) + shape, jnp.float32) for shape in out_shapes]
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, grid_columns),
                           in_specs=in_specs, out_specs=out_specs,
-                          compiler_params=_COMPILER_PARAMS,
+                          compiler_params=compiler_params,
                           interpret=_interpret_depth > 0)(*args)
+
+  ffn_chunk = min(_FFN_OUT_CHUNK, 4 * e)
 
   for index, (p, dense) in enumerate(zip(layer_params, layers)):
     norm1, norm2, norm3 = p['norm1'], p['norm2'], p['norm3']
@@ -278,11 +324,11 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
                 [row_columns(_OUT_COLUMNS)], [(padded, e)],
                 qkv.reshape(b, 3, num_heads * padded, d), x, *dense.self_out)
     own = ([pl.BlockSpec((pl.squeezed,) + obs_memory[index].shape[1:],
-                         lambda i, j: (i, 0, 0, 0))], [obs_memory[index]]) if num_obs else ([], [])
+                         lambda i, j: (i, 0, 0))], [obs_memory[index]]) if num_obs else ([], [])
     out_bias = p['multihead_attn']['out_proj']['bias']
     hidden, x = call(
-        functools.partial(_cross_attention_ffn_in_kernel, layer=index, num_obs=num_obs,
-                          memory_causal=memory_causal, eps=eps),
+        functools.partial(_cross_attention_ffn_in_kernel, layer=index, num_heads=num_heads,
+                          num_obs=num_obs, memory_causal=memory_causal, eps=eps),
         4 * e // _PROJECTION_COLUMNS,
         [rows(e), whole(norm2['scale']), whole(norm2['bias']), whole(time_rows),
          *own[0], whole(out_bias), whole(norm3['scale']), whole(norm3['bias']),
@@ -290,8 +336,9 @@ def decoder_layers(x: jax.Array, step: jax.Array, time_memory: jax.Array,
         [row_columns(_PROJECTION_COLUMNS), rows(e)], [(padded, 4 * e), (padded, e)],
         x, norm2['scale'], norm2['bias'], time_rows, *own[1], out_bias, norm3['scale'],
         norm3['bias'], *dense.ffn_in)
-    (x,) = call(_ffn_out_kernel, e // _OUT_COLUMNS,
+    (x,) = call(functools.partial(_ffn_out_kernel, chunk=ffn_chunk), e // _OUT_COLUMNS,
                 [rows(4 * e), row_columns(_OUT_COLUMNS),
                  *product_specs(dense.ffn_out, _OUT_COLUMNS)],
-                [row_columns(_OUT_COLUMNS)], [(padded, e)], hidden, x, *dense.ffn_out)
+                [row_columns(_OUT_COLUMNS)], [(padded, e)], hidden, x, *dense.ffn_out,
+                compiler_params=_pipelined(4 * e // ffn_chunk))
   return x[:, :length]

@@ -540,7 +540,8 @@ def observation_memory(model: TransformerForDiffusion, params: Mapping[str, Any]
       dtype)
   rows = _folded_memory(model, params, _condition_memory(model, params, tokens))
   if pallas:
-    return tuple(pallas_decoder.memory_blocks(r, model.n_head) for r in rows)
+    return tuple(pallas_decoder.memory_blocks(r, model.n_head, 1, model.num_cond_tokens)
+                 for r in rows)
   return rows
 
 
@@ -560,7 +561,7 @@ def runs_pallas_decoder(model: TransformerForDiffusion, constants: DecoderConsta
   XLA's ops take ≥ 16 on a GPU. Needs a backend they run on, sizes they take and unpacked
   weights (the C++ kernels' packing is for CPUs)."""
   return pallas_decoder.runs_here() and pallas_decoder.fits(
-      model.n_emb, model.n_head, tokens) and all(
+      model.n_emb, model.n_head, tokens, model.num_cond_tokens) and all(
       dense.kernel.ndim == 2 for layer in constants.layers for dense in layer)
 
 
@@ -611,9 +612,10 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
           'cached_denoise(pallas=True): the Pallas decoder does not run here (it needs a single '
           f'GPU, n_emb / n_head sizes it takes and unpacked weights; backend '
           f'{jax.default_backend()!r}, n_emb={model.n_emb}, n_head={model.n_head}, {t} tokens)')
-    x = pallas_decoder.decoder_layers(x, step, constants.time_memory, obs_memory, layer_params,
-                                      constants.layers, h, tgt_mask is not None,
-                                      mem_mask is not None, LAYER_NORM_EPS)
+    x = pallas_decoder.decoder_layers(
+        x, step, constants.time_memory, obs_memory, model.num_cond_tokens - 1,
+        layer_params, constants.layers, h, tgt_mask is not None, mem_mask is not None,
+        LAYER_NORM_EPS)
     x = normalize(params['ln_f'], x)
     return cpu_kernels.dense(constants.head, x).astype(jnp.float32)
   time_memory = constants.time_memory[step]
