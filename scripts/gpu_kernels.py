@@ -3,6 +3,8 @@
     python scripts/gpu_kernels.py                          # H100, DDPM-100, batch 1 and 28
     python scripts/gpu_kernels.py --pallas-decoder         # the decoder on Pallas kernels
     python scripts/gpu_kernels.py --target cpu --quick     # this CPU, tiny config (the tests)
+    python scripts/gpu_kernels.py --pallas-decoder --ptxas /usr/local/cuda/bin/ptxas
+                                                           # + each kernel's register spills
 
 Batch-1 sampling on a GPU is bound by the chain of small dependent kernels in each denoising
 step (an H200 took ≈ 0.27 ms per step for ≈ 200 kernels, all in one CUDA graph:
@@ -23,15 +25,24 @@ Prints JSON: per batch size, the kernels of the loop body (one denoising step) a
 rest of the program (once per call: encoders, condition memory, the first noise), by kind
 (fusions by their computation's name: gemm_fusion_dot = a Triton matmul, triton_softmax = a
 fused softmax or LayerNorm, ...). Counts only; nothing runs.
+
+With --ptxas, the PTX of every kernel (XLA's dump of each compiled program) also goes through
+that ptxas (CUDA ≥ 12, for the PTX's own target), and the report names the kernels that spill
+registers to local memory, with their registers and spilled bytes per thread: a kernel that
+spills moves those bytes through L1 and L2 on every launch (docs/performance.md, session 21).
 """
 
 import argparse
 import collections
+import glob
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
-from typing import Any
+import tempfile
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -118,9 +129,59 @@ def _gpu_sharding():
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def count(target: str, quick: bool, compute_dtype: str, pallas: bool) -> dict[str, Any]:
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([\w.$]+)'")
+_PTXAS_SPILLS = re.compile(r'(\d+) bytes spill stores, (\d+) bytes spill loads')
+_PTXAS_REGISTERS = re.compile(r'Used (\d+) registers')
+
+
+def _keep_worst(usage: dict[str, dict[str, int]], kernel: str, figures: dict[str, int]) -> None:
+  """usage[kernel] = figures if they spill more bytes than what it holds (or as many, with more
+  registers)."""
+  def badness(entry):
+    return entry['spill_stores'] + entry['spill_loads'], entry['registers']
+  if kernel not in usage or badness(figures) > badness(usage[kernel]):
+    usage[kernel] = figures
+
+
+def ptxas_usage(ptxas_output: str) -> dict[str, dict[str, int]]:
+  """`ptxas -v` output → {kernel: registers, spill_stores, spill_loads (bytes per thread)}.
+  Numbered copies of one kernel (Pallas names a layer's kernels `name__3`) count as one: their
+  worst."""
+  usage = {}
+  parts = _PTXAS_ENTRY.split(ptxas_output)[1:]  # name, its lines, name, its lines, …
+  for name, info in zip(parts[::2], parts[1::2]):
+    spills, registers = _PTXAS_SPILLS.search(info), _PTXAS_REGISTERS.search(info)
+    if not spills or not registers:
+      raise ValueError(f'gpu_kernels: no register or spill figures for {name} in ptxas\'s '
+                       f'output: {info.strip()[:300]!r}')
+    _keep_worst(usage, re.sub(r'__\d+$', '', name),
+                {'registers': int(registers.group(1)), 'spill_stores': int(spills.group(1)),
+                 'spill_loads': int(spills.group(2))})
+  return usage
+
+
+def register_spills(ptx_dir: str, ptxas: str) -> dict[str, Any]:
+  """Every kernel's PTX in XLA's dump `ptx_dir` through `ptxas -v` → how many kernels there
+  are and which of them spill registers (`ptxas_usage`'s figures)."""
+  usage = {}
+  for path in sorted(glob.glob(os.path.join(ptx_dir, '*.ptx'))):
+    with open(path) as ptx:
+      target = re.search(r'^\.target (sm_\w+)', ptx.read(), re.MULTILINE)
+    run = subprocess.run([ptxas, '-v', '--gpu-name', target.group(1), path, '-o', os.devnull],
+                         capture_output=True, text=True, check=False)
+    if run.returncode:
+      raise SystemExit(f'gpu_kernels: {ptxas} failed on {path}: {run.stderr.strip()[-500:]}')
+    for kernel, figures in ptxas_usage(run.stdout + run.stderr).items():
+      _keep_worst(usage, kernel, figures)
+  return {'kernels': len(usage),
+          'spilling': {kernel: figures for kernel, figures in sorted(usage.items())
+                       if figures['spill_stores'] or figures['spill_loads']}}
+
+
+def count(target: str, quick: bool, compute_dtype: str, pallas: bool,
+          ptxas: Optional[str] = None) -> dict[str, Any]:
   """Compiles `predict_action` (DDPM-100; the smoke config if `quick`) for `target` and counts
-  its kernels per batch size."""
+  its kernels per batch size; with `ptxas`, also which of them spill registers."""
   # JAX and the library are imported here, after main() has set the environment for the target.
   import jax  # pylint: disable=g-import-not-at-top
   from unittest import mock  # pylint: disable=g-import-not-at-top
@@ -151,12 +212,16 @@ def count(target: str, quick: bool, compute_dtype: str, pallas: bool) -> dict[st
       obs = benchmark._synthetic_obs(shape_meta, batch, int(config.task.n_obs_steps))  # pylint: disable=protected-access
       args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           (sampling_variables, obs, jax.random.key(1)))
-      text = policy.predict_action_jit.lower(*args).compile().as_text()
+      with tempfile.TemporaryDirectory(prefix='gpu_kernels_') as dump:
+        options = {'xla_dump_to': dump} if ptxas else None
+        text = policy.predict_action_jit.lower(*args).compile(options).as_text()
+        spills = register_spills(dump, ptxas) if ptxas else None
       body, once = loop_body_kernels(text), outside_loops_kernels(text)
       result[f'batch{batch}'] = {'loop_body_kernels': sum(body.values()),
                                  'loop_body_by_kind': dict(body.most_common()),
                                  'outside_loops_kernels': sum(once.values()),
-                                 'outside_loops_by_kind': dict(once.most_common())}
+                                 'outside_loops_by_kind': dict(once.most_common()),
+                                 **({'ptxas': spills} if ptxas else {})}
   return result
 
 
@@ -169,13 +234,21 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--pallas-decoder', action='store_true',
                       help='config.model.pallas_decoder=True (for the h100 target)')
+  parser.add_argument('--ptxas', help='a ptxas (CUDA ≥ 12) to report the kernels that spill '
+                      'registers (h100 target)')
   args = parser.parse_args(argv)
+  if args.ptxas and args.target == 'cpu':
+    parser.error('--ptxas needs the h100 target (XLA:CPU writes no PTX)')
+  if args.ptxas and not shutil.which(args.ptxas):
+    parser.error(f'--ptxas {args.ptxas}: no such executable (CUDA\'s bin/ptxas, or the '
+                 'nvidia-cuda-nvcc wheel\'s nvidia/cu13/bin/ptxas)')
   if args.target != 'cpu':
     # The CUDA plugin's version check looks for CUDA libraries, which compiling does not use.
     os.environ.setdefault('JAX_PLATFORMS', 'cpu,cuda')
     os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
   report = {'target': args.target,
-            **count(args.target, args.quick, args.compute_dtype, args.pallas_decoder)}
+            **count(args.target, args.quick, args.compute_dtype, args.pallas_decoder,
+                    args.ptxas)}
   print(json.dumps(report, indent=2))
   return report
 

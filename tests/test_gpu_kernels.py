@@ -1,10 +1,13 @@
-"""`scripts/gpu_kernels.py`: its HLO kernel count against a hand-counted module, and a run that
-compiles the sampler (for this CPU: the suite has no CUDA plugin) and reports every field."""
+"""`scripts/gpu_kernels.py`: its HLO kernel count against a hand-counted module, its reading of
+ptxas's register report, and a run that compiles the sampler (for this CPU: the suite has no
+CUDA plugin) and reports every field."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'scripts'))
@@ -46,6 +49,33 @@ def test_counts_the_largest_loops_kernels_by_kind():
   body = gpu_kernels.loop_body_kernels(HLO)
   assert body == {'gemm_fusion_dot': 1, 'fused_add': 2, 'copy': 1, 'custom-call': 1}
   assert not gpu_kernels.outside_loops_kernels(HLO)  # while loops are control flow
+
+
+# `ptxas -v` (CUDA 13.0) on the PTX of two Pallas kernels, one of them a layer's numbered copy,
+# and of an XLA fusion, as one output.
+PTXAS_OUTPUT = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_ffn_out_kernel__3' for 'sm_90a'
+ptxas info    : Function properties for _ffn_out_kernel__3
+    3288 bytes stack frame, 3632 bytes spill stores, 3632 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 3288 bytes cumulative stack size
+ptxas info    : Compile time = 521.648 ms
+ptxas info    : Compiling entry function '_ffn_out_kernel' for 'sm_90a'
+ptxas info    : Function properties for _ffn_out_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 48 registers, used 1 barriers
+ptxas info    : Compiling entry function 'loop_add_fusion_1' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion_1
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 10 registers, used 0 barriers
+"""
+
+
+def test_reads_each_kernels_registers_and_spills_keeping_the_worst_copy():
+  assert gpu_kernels.ptxas_usage(PTXAS_OUTPUT) == {
+      '_ffn_out_kernel': {'registers': 32, 'spill_stores': 3632, 'spill_loads': 3632},
+      'loop_add_fusion_1': {'registers': 10, 'spill_stores': 0, 'spill_loads': 0}}
+  with pytest.raises(ValueError, match='no register or spill figures for broken'):
+    gpu_kernels.ptxas_usage("ptxas info    : Compiling entry function 'broken' for 'sm_90a'\n")
 
 
 def test_quick_run_on_cpu_reports_every_field():

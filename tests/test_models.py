@@ -819,6 +819,18 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkey
       np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('n_emb,n_head,tokens,memory_rows,expected', [
+    (256, 4, 10, 3, True),  # Lift: memory tile 12 → 16 rows.
+    (128, 8, 10, 3, True),  # 24 → 32 rows.
+    (256, 4, 10, 33, False),  # 132 → 256 rows > 128.
+    (32, 2, 10, 17, False),  # 34 → 64 rows > E: the offsets row holds E columns.
+    (256, 32, 10, 3, False),  # E / H = 8 < 16.
+    (256, 16, 10, 3, False),  # H · T' = 256 stacked self-attention rows > 128.
+])
+def test_pallas_decoder_fits(n_emb, n_head, tokens, memory_rows, expected):
+  assert pallas_decoder.fits(n_emb, n_head, tokens, memory_rows) == expected
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_pallas_decoder_lowers_to_triton_kernels(dtype, monkeypatch):
   """Lowered for CUDA (no GPU needed), each decoder layer is four Triton kernels: the Triton
