@@ -247,9 +247,9 @@ def _cross_attention_ffn_in_kernel(x_ref, norm2_scale_ref, norm2_shift_ref, time
 
 def _ffn_out_kernel(hidden_ref, x_ref, w_ref, b_ref, out_ref, *, chunk):
   """The 4E-long product in a loop over `chunk` rows of the weights, which Triton pipelines
-  (`_pipelined`): every chunk's loads in flight, straight into shared memory. As one product
-  its 128 KB of float32 operands went through registers, and ptxas spilled them (3.6 KB per
-  thread, docs/performance.md, session 21)."""
+  (`_pipelined`): the next chunks' loads in flight while one is multiplied, straight into shared
+  memory. As one product its 128 KB of float32 operands went through registers, and ptxas
+  spilled them (3.6 KB per thread, docs/performance.md, session 21)."""
 
   def accumulate(i, total):
     rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
