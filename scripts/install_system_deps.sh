@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Headless rendering for robosuite needs Mesa's EGL (or OSMesa); the CPU kernels
-# (dpjax/models/cpu_kernels.cc) need a C++ compiler; the Makefile runs Python on tcmalloc.
+# (dpjax/models/csrc/) need a C++ compiler; the Makefile runs Python on tcmalloc.
 # Installs Debian packages only when missing.
 set -euo pipefail
 export PATH="$PATH:/sbin:/usr/sbin"  # ldconfig, for users whose PATH lacks them.

@@ -1,4 +1,4 @@
-"""The CPU kernels (dpjax/models/cpu_kernels.cc): build, values against independent
+"""The CPU kernels (dpjax/models/csrc/): build, values against independent
 formulations (float64 numpy matmuls and tap sums, the XLA attention of the transformer, XLA's
 convolution and its gradients)."""
 
@@ -38,7 +38,7 @@ def test_build_compiles_once_into_the_cache_dir(tmp_path, monkeypatch):
 def test_build_failure_names_the_command_and_leaves_no_library(tmp_path, monkeypatch):
   monkeypatch.setenv('DPJAX_KERNEL_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')
-  with pytest.raises(RuntimeError, match='`false .*cpu_kernels.cc.*` failed'):
+  with pytest.raises(RuntimeError, match=r'`false .*csrc/.*\.cc.*` failed'):
     cpu_kernels.build()
   assert not list(tmp_path.iterdir())
 

@@ -1,4 +1,4 @@
-"""C++ kernels for the CPU hot paths XLA runs slowly (cpu_kernels.cc), with XLA fallbacks.
+"""C++ kernels for the CPU hot paths XLA runs slowly (csrc/), with XLA fallbacks.
 
 Sampling: batch-1 sampling runs the decoder's 32 matmuls on 10 rows per denoising step, so it
 streams its 25 MB of weights 100 times; XLA:CPU's GEMM does that at ~7 GB/s (column panels
@@ -28,12 +28,15 @@ plain (K, N) kernel otherwise; `dense` runs any of them. The other entry points 
 callers that checked `enabled` (`conv_supported` for convolutions); they have no autodiff rule
 of their own.
 
-The shared library is compiled on first use with the system C++ compiler against the
-installed jaxlib's FFI headers, for this CPU (`-march=native`), into $DPJAX_KERNEL_CACHE
-(default ~/.cache/dpjax); `python -m dpjax.models.cpu_kernels` builds it ahead of time.
+The sources are in csrc/, a file per kernel (`*.cc`, each defining its FFI handlers) and the
+pieces they share (`*.h`: thread pool, vector math, register blocks, AMX tiles). The shared
+library is compiled on first use with the system C++ compiler against the installed jaxlib's
+FFI headers, for this CPU (`-march=native`), into $DPJAX_KERNEL_CACHE (default ~/.cache/dpjax);
+`python -m dpjax.models.cpu_kernels` builds it ahead of time.
 Without a compiler, everything falls back to XLA's ops with one warning.
 """
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -52,7 +55,7 @@ import jaxlib
 import numpy as np
 
 PANEL_WIDTH = 32
-_SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
+_SOURCES = pathlib.Path(__file__).with_name('csrc')
 _DENSE_TARGET = 'dpjax_packed_dense'
 _DENSE_BF16_TARGET = 'dpjax_packed_dense_bf16'
 _ATTENTION_TARGET = 'dpjax_attention'
@@ -70,7 +73,7 @@ _MAX_POOL_GRAD_TARGET = 'dpjax_max_pool_grad'
 _PACK_CONV_KERNEL_TARGET = 'dpjax_pack_conv_kernel'
 _MOMENTS_TARGETS = {jnp.dtype(jnp.float32): 'dpjax_channel_moments',
                     jnp.dtype(jnp.bfloat16): 'dpjax_channel_moments_bf16'}
-_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
+_FLAGS = ('-O3', '-march=native', '-std=c++17', '-fPIC')
 
 
 class PackedDense(NamedTuple):
@@ -93,17 +96,27 @@ def _cpu_fingerprint() -> str:
 
 
 def _library_path() -> pathlib.Path:
-  key = hashlib.sha256('\n'.join([_SOURCE.read_text(), jaxlib.__version__, ' '.join(_FLAGS),
-                                  _cpu_fingerprint()]).encode()).hexdigest()[:16]
+  digest = hashlib.sha256()
+  for source in sorted(_SOURCES.iterdir()):
+    digest.update(f'{source.name}\n{source.read_text()}\n'.encode())
+  digest.update('\n'.join([jaxlib.__version__, ' '.join(_FLAGS), _cpu_fingerprint()]).encode())
+  key = digest.hexdigest()[:16]
   cache = pathlib.Path(os.environ.get('DPJAX_KERNEL_CACHE',
                                       pathlib.Path.home() / '.cache' / 'dpjax'))
   return cache / f'cpu_kernels-{key}.so'
 
 
-def build() -> pathlib.Path:
-  """Compiles cpu_kernels.cc for this machine and jaxlib if not cached; returns the library path.
+def _run(command: Sequence[str]) -> None:
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    raise RuntimeError(f'cpu_kernels: `{" ".join(command)}` failed:\n{result.stderr}')
 
-  Raises RuntimeError naming the compiler command and its output when compilation fails.
+
+def build() -> pathlib.Path:
+  """Compiles csrc/ for this machine and jaxlib if not cached; returns the library path.
+
+  The sources compile in parallel, one compiler per core. Raises RuntimeError naming the failed
+  compiler command and its output.
   """
   path = _library_path()
   if path.exists():
@@ -111,20 +124,19 @@ def build() -> pathlib.Path:
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if compiler is None:
     raise RuntimeError('cpu_kernels: no C++ compiler found (set CXX or install g++) to build '
-                       f'{_SOURCE}')
+                       f'{_SOURCES}')
   path.parent.mkdir(parents=True, exist_ok=True)
-  # Compile to a private name and rename: concurrent builds never expose a partial library.
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
-  os.close(fd)
-  command = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', tmp]
-  try:
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-      raise RuntimeError(f'cpu_kernels: `{" ".join(command)}` failed:\n{result.stderr}')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  # Objects and library under a private name, then renamed: concurrent builds never expose a
+  # partial library.
+  with tempfile.TemporaryDirectory(dir=path.parent) as work:
+    sources = sorted(_SOURCES.glob('*.cc'))
+    objects = [os.path.join(work, f'{source.stem}.o') for source in sources]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+      list(pool.map(_run, [[compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', '-c', str(source),
+                            '-o', obj] for source, obj in zip(sources, objects)]))
+    library = os.path.join(work, path.name)
+    _run([compiler, '-shared', *objects, '-o', library])
+    os.replace(library, path)
   return path
 
 
@@ -442,7 +454,7 @@ def conv(x_padded: jax.Array, kernel: jax.Array, stride: int, pad: int,
 
 
 # Maps of at most this many pixels `conv` runs position by position, skipping the taps in the
-# zero border (cpu_kernels.cc, kPositionMajorMaxPixels).
+# zero border (csrc/conv_geometry.h, kPositionMajorMaxPixels).
 _POSITION_MAJOR_MAX_PIXELS = 36
 
 
@@ -477,7 +489,7 @@ def winograd_panels(kernel: jax.Array, mirror: bool = False) -> jax.Array:
 def winograd_conv(x_padded: jax.Array, panels: jax.Array) -> jax.Array:
   """The 3 × 3 stride-1 convolution of float32 x_padded (N, Hp, Wp, C) (padding included) with
   the kernel whose `winograd_panels` are given → (N, Hp - 2, Wp - 2, C_out), computed by
-  Winograd's F(2x2, 3x3) (cpu_kernels.cc). Needs `winograd_supported`."""
+  Winograd's F(2x2, 3x3) (csrc/winograd.cc). Needs `winograd_supported`."""
   n, hp, wp, c = x_padded.shape
   if x_padded.dtype != jnp.float32 or panels.ndim != 4 or panels.shape[0] != 16 or (
       panels.shape[2:] != (c, PANEL_WIDTH)) or c % 16 or min(hp, wp) < 3:
