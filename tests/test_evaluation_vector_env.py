@@ -134,11 +134,14 @@ def test_exception_in_the_parent_leaves_no_workers():
 def test_ctrl_c_leaves_no_orphans(tmp_path):
   script = tmp_path / 'evaluate_forever.py'
   script.write_text(textwrap.dedent('''
-      import functools, sys
+      import functools, signal, sys
       import numpy as np
       from dpjax.evaluation.vector_env import VectorEnv, WrapperSpec
       from test_evaluation_vector_env import FakeEnv
       if __name__ == '__main__':
+        # As in a terminal's foreground: a suite started as a background job (`make test &`)
+        # hands its children SIGINT ignored, and Python then installs no handler for it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         # Episodes that never end (no success stop, no step limit in reach): the parent is
         # stepping live workers when the interrupt comes, not restarting crashed ones.
         spec = WrapperSpec(n_obs_steps=1, n_action_steps=1, max_steps=10**9,
@@ -153,18 +156,26 @@ def test_ctrl_c_leaves_no_orphans(tmp_path):
   tests_dir = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [os.path.dirname(tests_dir), tests_dir, os.environ.get('PYTHONPATH', '')]))
-  process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+  # stderr to a file, and the parent's exit awaited rather than EOF on its pipes, which every
+  # process it starts (workers, multiprocessing's resource tracker) inherits.
+  stderr_path = tmp_path / 'stderr.txt'
+  with open(stderr_path, 'w') as stderr_file:
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               stderr=stderr_file, text=True, env=env)
   try:
     pids = [int(p) for p in process.stdout.readline().split()]
-    assert len(pids) == 2 and all(_alive(p) for p in pids), process.stderr.read()
+    assert len(pids) == 2 and all(_alive(p) for p in pids), stderr_path.read_text()
     time.sleep(0.3)  # Inside the stepping loop.
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=30)
+    try:
+      process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      pytest.fail('no exit within 30 s of SIGINT; stderr:\n' + stderr_path.read_text())
   finally:
     if process.poll() is None:
       process.kill()
-  assert 'KeyboardInterrupt' in stderr
+    process.stdout.close()
+  assert 'KeyboardInterrupt' in stderr_path.read_text()
   deadline = time.monotonic() + 5
   while any(_alive(p) for p in pids) and time.monotonic() < deadline:
     time.sleep(0.05)
