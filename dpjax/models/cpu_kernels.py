@@ -97,7 +97,7 @@ def _cpu_fingerprint() -> str:
 
 def _library_path() -> pathlib.Path:
   digest = hashlib.sha256()
-  for source in sorted(_SOURCES.iterdir()):
+  for source in sorted(p for p in _SOURCES.iterdir() if p.suffix in ('.cc', '.h')):
     digest.update(f'{source.name}\n{source.read_text()}\n'.encode())
   digest.update('\n'.join([jaxlib.__version__, ' '.join(_FLAGS), _cpu_fingerprint()]).encode())
   key = digest.hexdigest()[:16]
