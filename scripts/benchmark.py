@@ -5,13 +5,16 @@
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
     python scripts/benchmark.py --only predict --compute-dtype bfloat16  # mixed precision
     python scripts/benchmark.py --only predict --pallas-decoder  # GPU: the Pallas decoder
+    python scripts/benchmark.py --only predict --trace DIR  # + one profiled call per figure
     python scripts/benchmark.py --only torch_reference  # the same work in PyTorch, this machine
     make benchmark ARGS="--only predict,train"        # as `make train` runs: on tcmalloc
 
 Prints one JSON document and writes it to `--output` (default `benchmark.json`). Each time is
 the median of `--repeats` timed runs after a warm-up call; compilation is timed separately.
 FLOPs come from XLA's cost analysis of the compiled program; peak memory from XLA's memory
-analysis (and the device allocator where it reports one).
+analysis (and the device allocator where it reports one). With `--trace DIR`, one more call of
+each `predict_action` figure runs under `jax.profiler.trace` (files under DIR/<figure>), and the
+figure's `trace` holds `scripts/trace_summary.py`'s account of the device's kernels in it.
 """
 
 import argparse
@@ -37,6 +40,7 @@ from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
 from dpjax.models import cpu_kernels, pallas_decoder
+import trace_summary  # pylint: disable=g-import-not-at-top  # scripts/trace_summary.py
 
 FIGURES = ('predict', 'train', 'encoder', 'pipeline', 'env', 'torch_reference')
 DEFAULT_FIGURES = FIGURES[:5]  # torch_reference needs torch (requirements-test.txt).
@@ -86,19 +90,34 @@ def _count_kernel_flops(stats: dict[str, Any], jitted, args: tuple, median_s: fl
   stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
 
 
-def _timed_program(jitted, args: tuple, repeats: int,
-                   flops_args: tuple | None = None) -> dict[str, Any]:
+def _traced_call(fn: Callable[[], Any], trace_dir: str) -> dict[str, Any]:
+  """One call of `fn` under the profiler, its trace written below `trace_dir`: its wall time
+  and `trace_summary.summarize` of the trace."""
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    call_s = time.perf_counter() - start
+  return dict(trace_summary.summarize(trace_dir), call_s=call_s)
+
+
+def _timed_program(jitted, args: tuple, repeats: int, flops_args: tuple | None = None,
+                   trace_dir: str | None = None) -> dict[str, Any]:
   """Compile time, then the median run time, FLOPs and achieved FLOP/s of `jitted(*args)`;
   `flops_args`: the same computation's arguments before packing for the kernels, if `args`
-  hold packed operands."""
+  hold packed operands; `trace_dir`: also one profiled call (`_traced_call`)."""
+  # Under the profiler XLA:GPU would run its CUDA graphs' kernels one launch at a time; the
+  # traced call is to launch them as the timed calls do. (The option acts only while tracing.)
+  options = {'xla_enable_command_buffers_during_profiling': True} if trace_dir else None
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  compiled = jitted.lower(*args).compile(options)
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(*args))
   median_s, times = _median_time(lambda: compiled(*args), repeats)
   stats = _compiled_stats(compiled)
   stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
   _count_kernel_flops(stats, jitted, flops_args or args, median_s)
+  if trace_dir:
+    stats['trace'] = _traced_call(lambda: compiled(*args), trace_dir)
   return dict(stats, compile_s=compile_s, median_s=median_s, times_s=times)
 
 
@@ -154,7 +173,8 @@ def bench_predict(args) -> dict[str, Any]:
   """`predict_action` latency (encoders included) per batch size and sampler, from the
   policy's `sampling_variables` (built once per sampler, timed with its compilation as
   `sampling_variables_s`), as evaluation rollouts call it; at batch 1 also from the plain
-  variables (`..._plain_variables`).
+  variables (`..._plain_variables`). With `--trace`, the figures from sampling variables also
+  hold a profiled call's `trace`.
 
   XLA's cost analysis counts a loop body once, so the FLOPs of a call are the program's count
   (traced with XLA ops where the CPU kernels run: see `_count_kernel_flops`) plus
@@ -186,13 +206,15 @@ def bench_predict(args) -> dict[str, Any]:
       if batch == batches[0]:
         runs.append(('_plain_variables', variables))
       for suffix, call_variables in runs:
+        figure = f'{sampler}{steps}_batch{batch}{suffix}'
+        trace_dir = os.path.join(args.trace, figure) if args.trace and not suffix else None
         timing = _timed_program(jitted, (call_variables, obs, key), args.repeats,
-                                flops_args=(variables, obs, key))
+                                flops_args=(variables, obs, key), trace_dir=trace_dir)
         if timing['flops']:
           timing.setdefault('xla_program_flops', timing['flops'])
           timing['flops'] += (steps - 1) * _denoise_step_flops(policy, variables, batch)
           timing['flops_per_s'] = timing['flops'] / timing['median_s']
-        results[f'{sampler}{steps}_batch{batch}{suffix}'] = dict(
+        results[figure] = dict(
             timing, sampler=sampler, num_inference_steps=steps, batch_size=batch,
             variables='plain' if suffix else 'sampling')
   return {'config': config.name, 'results': results,
@@ -399,6 +421,9 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--pallas-decoder', action='store_true',
                       help='sample with config.model.pallas_decoder=True (its kernels run on a '
                       'single GPU; elsewhere sampling runs as without it)')
+  parser.add_argument('--trace', default=None, metavar='DIR',
+                      help='predict figures: also profile one call each, traces under DIR '
+                      '(see scripts/trace_summary.py)')
   parser.add_argument('--output', default='benchmark.json')
   args = parser.parse_args(argv)
   args.repeats = args.repeats or (2 if args.quick else 5)

@@ -59,15 +59,24 @@ def test_quick_benchmark_reports_every_field(tmp_path):
     assert torch_reference[name]['median_s'] > 0, name
 
 
-def test_quick_benchmark_in_mixed_precision(tmp_path):
+def test_quick_benchmark_in_mixed_precision_with_traces(tmp_path):
   output = tmp_path / 'bench.json'
   subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick',
-                  '--only', 'predict', '--compute-dtype', 'bfloat16', '--output', str(output)],
+                  '--only', 'predict', '--compute-dtype', 'bfloat16', '--trace', 'traces',
+                  '--output', str(output)],
                  check=True, cwd=tmp_path, timeout=900)
   report = json.loads(output.read_text())
   assert report['compute_dtype'] == 'bfloat16'
   for name, result in report['predict']['results'].items():
     assert result['median_s'] > 0 and result['flops'] > 0, name
+    if result['variables'] == 'plain':
+      assert 'trace' not in result, name
+      continue
+    trace = result['trace']
+    # A CPU trace has no device timeline: no kernels (tests/test_trace_summary.py has some).
+    assert trace['kernels'] == 0 and trace['call_s'] > 0, name
+    assert (tmp_path / trace['file']).is_file(), name
+    assert trace['file'].startswith(os.path.join('traces', name, '')), name
 
 
 _TCMALLOC = ctypes.util.find_library('tcmalloc_minimal')
