@@ -300,13 +300,12 @@ class DiffusionPolicy:
   def sampling_variables(self, variables) -> dict:
     """`variables` with what `predict_action` derives from the parameters alone, computed once.
 
-    Adds the encoders' convolution kernels packed for this backend (`resnet.PACKED_KERNELS`:
-    for the CPU kernels where they run, in cuDNN's layout on a GPU) and the decoder's packed
-    weights and timestep table (`transformer.DecoderConstants`, for this policy's sampler).
-    Passing the result to `predict_action` instead of `variables` gives the same actions (up to
-    float summation order) without that work per call: for repeated sampling with fixed
-    parameters (evaluation rollouts). It is for this policy's sampler settings only, and not for
-    training.
+    Adds the encoders' convolution kernels packed for the CPU kernels (`resnet.PACKED_KERNELS`,
+    where they run) and the decoder's packed weights and timestep table
+    (`transformer.DecoderConstants`, for this policy's sampler). Passing the result to
+    `predict_action` instead of `variables` gives the same actions (up to float summation
+    order) without that work per call: for repeated sampling with fixed parameters
+    (evaluation rollouts). It is for this policy's sampler settings only, and not for training.
     """
     return self._sampling_variables_jit(variables)
 

@@ -38,10 +38,6 @@ import jax.numpy as jnp
 from dpjax.models import cpu_kernels
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
-# XLA:GPU hands cuDNN NHWC convolutions with (C_out, k, k, C_in) kernels ('b01f_o01i->b01f'),
-# transposing an HWIO kernel at every call: 40 of the 288 kernels that batch-1 sampling ran
-# outside its loop (scripts/gpu_kernels.py). Packed kernels come in that layout.
-_GPU_PACKED_DIMENSIONS = ('NHWC', 'OHWI', 'NHWC')
 
 
 def _same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -242,42 +238,28 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, method: str = 'xla') ->
   return _xla_conv(x, kernel, stride)
 
 
-def packs_kernel(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
-                 dtype: Any) -> bool:
-  """Whether `packed_kernel` has a layout for this convolution on the default backend: the
-  C++ kernels' where they run it (`cpu_kernels.conv_supported`), cuDNN's on a GPU."""
-  return (jax.default_backend() == 'gpu'
-          or cpu_kernels.conv_supported(x_shape, kernel_shape, stride, dtype))
-
-
 def packed_kernel(kernel: jax.Array, x_shape: tuple[int, ...], stride: int,
                   dtype: Any) -> jax.Array:
   """kernel (k, k, C_in, C_out) as `conv2d_packed` reads it for inputs x_shape (N, H, W, C_in)
-  in `dtype`, packed once for a caller that convolves with the same kernel many times
-  (sampling): the C++ kernels' panels (Winograd's where `cpu_kernels.winograd_supported`), or
-  on a GPU the kernel as (C_out, k, k, C_in) in `dtype`. Needs `packs_kernel`."""
-  if not cpu_kernels.conv_supported(x_shape, kernel.shape, stride, dtype):
-    return jnp.transpose(kernel, (3, 0, 1, 2)).astype(dtype)
+  in `dtype`: the C++ kernels' panels (Winograd's where `cpu_kernels.winograd_supported`),
+  packed once for a caller that convolves with the same kernel many times (sampling).
+  Needs `cpu_kernels.conv_supported` for the kernel in `dtype`."""
   if cpu_kernels.winograd_supported(x_shape, kernel.shape, stride, dtype):
     return cpu_kernels.winograd_panels(kernel)
   return cpu_kernels.conv_panels(_kernel_operand(kernel, dtype), dtype)
 
 
-def conv2d_packed(x: jax.Array, packed: jax.Array, kernel_shape: tuple[int, ...],
+def conv2d_packed(x: jax.Array, panels: jax.Array, kernel_shape: tuple[int, ...],
                   stride: int) -> jax.Array:
-  """`conv2d(x, kernel, stride)` from `packed_kernel(kernel, x.shape, stride, x.dtype)`, on the
-  C++ kernels or (on a GPU) XLA's convolution, forward only (no gradient): kernel_shape
-  (k, k, C_in, C_out) is the kernel's."""
+  """`conv2d(x, kernel, stride, 'cpu_kernels')` from `packed_kernel(kernel, x.shape, stride,
+  x.dtype)`, forward only (no gradient): kernel_shape (k, k, C_in, C_out) is the kernel's."""
   k, _, _, c_out = kernel_shape
-  if not cpu_kernels.conv_supported(x.shape, kernel_shape, stride, x.dtype):
-    return jax.lax.conv_general_dilated(x, packed, (stride, stride), _same_padding(k),
-                                        dimension_numbers=_GPU_PACKED_DIMENSIONS)
   if cpu_kernels.winograd_supported(x.shape, kernel_shape, stride, x.dtype):
-    return cpu_kernels.winograd_conv(_pad_same(x, k), packed)
+    return cpu_kernels.winograd_conv(_pad_same(x, k), panels)
   x_operand = _input_operand(_pad_same(x, k), kernel_shape, stride)
   kernel_operand = jax.eval_shape(functools.partial(_kernel_operand, dtype=x.dtype),
                                   jax.ShapeDtypeStruct(kernel_shape, x.dtype))
-  y = cpu_kernels.conv(x_operand, kernel_operand, stride, k // 2, panels=packed)
+  y = cpu_kernels.conv(x_operand, kernel_operand, stride, k // 2, panels=panels)
   return y[..., :c_out]
 
 

@@ -165,11 +165,10 @@ class Conv(nn.Module):
   """Bias-free conv with torch's padding (kernel // 2 on each side); params as nn.Conv's.
 
   Sampling packs kernels ahead (`DiffusionPolicy.sampling_variables`): applied with the
-  PACKED_KERNELS collection mutable, a Conv whose kernel `conv_ops.packs_kernel` stores it
-  packed there; applied with that collection, it convolves with the stored kernel (forward
-  only). Inference on CPU then also runs the small deep-stage maps on the C++ kernels, which
-  lose to XLA only when each call packs its kernel again (docs/performance.md); on a GPU the
-  stored kernel is in cuDNN's layout, which XLA otherwise transposes to at every call.
+  PACKED_KERNELS collection mutable, a Conv the C++ kernels can run stores its kernel packed
+  there; applied with that collection, it convolves with the stored panels (forward only).
+  Inference on CPU then also runs the small deep-stage maps on the kernels, which
+  lose to XLA only when each call packs its kernel again (docs/performance.md).
   """
   features: int
   kernel_size: int
@@ -182,7 +181,7 @@ class Conv(nn.Module):
     kernel = self.param('kernel', conv_kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
     x = x.astype(self.dtype)
-    if conv_ops.packs_kernel(x.shape, kernel.shape, self.strides, self.dtype):
+    if cpu_kernels.conv_supported(x.shape, kernel.shape, self.strides, self.dtype):
       if self.is_mutable_collection(PACKED_KERNELS) and not self.is_initializing():
         self.put_variable(PACKED_KERNELS, 'kernel', conv_ops.packed_kernel(
             kernel, x.shape, self.strides, self.dtype))
