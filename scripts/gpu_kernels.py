@@ -24,7 +24,13 @@ own (it warns on every JAX import where no GPU is):
 Prints JSON: per batch size, the kernels of the loop body (one denoising step) and of the
 rest of the program (once per call: encoders, condition memory, the first noise), by kind
 (fusions by their computation's name: gemm_fusion_dot = a Triton matmul, triton_softmax = a
-fused softmax or LayerNorm, ...). Counts only; nothing runs.
+fused softmax or LayerNorm, ...), and the launches the host makes for them from the compiler's
+launch plan (`*_launches`, by thunk kind: kCommandBuffer = one CUDA graph of many kernels,
+kConvolution = a cuDNN call, kCustomKernel = a kernel launched alone; GPU targets only, XLA:CPU
+writes no launch plan). Outside the loop the launches are what costs: XLA records a run of
+kernels between two cuDNN calls into a CUDA graph only if the run holds at least
+`--xla_gpu_graph_min_graph_size` (5) kernels, so fewer kernels can mean more launches
+(docs/performance.md, session 23). Counts only; nothing runs.
 
 With --ptxas, the PTX of every kernel (XLA's dump of each compiled program) also goes through
 that ptxas (CUDA ≥ 12, for the PTX's own target), and the report names the kernels that spill
@@ -113,6 +119,45 @@ def outside_loops_kernels(hlo_text: str) -> collections.Counter:
   body and the ops inside fusions are not counted)."""
   entry = re.search(r'^ENTRY %([\w.\-]+) ', hlo_text, re.MULTILINE)
   return kernels(computations(hlo_text)[entry.group(1)])
+
+
+_THUNK = re.compile(r'^( *)\d+: (k\w+)')
+
+
+def launch_plan(thunk_text: str) -> tuple[collections.Counter, collections.Counter]:
+  """XLA:GPU's launch plan (a *.thunk_sequence_after_thunk_passes.txt of its dump) → the
+  program's top-level thunks by kind, its while loops aside (the host's launches per call), and
+  those of the loop bodies (the launches per iteration; a command buffer is one)."""
+  once, per_step, section = collections.Counter(), collections.Counter(), None
+  for line in thunk_text.splitlines():
+    if line.strip() in ('condition:', 'body:'):
+      section = line.strip()
+      continue
+    match = _THUNK.match(line)
+    if not match:
+      continue
+    indent, kind = len(match.group(1)), match.group(2)
+    if indent == 0:
+      section = None
+      if kind != 'kWhile':
+        once[kind] += 1
+    elif section == 'body:' and indent == 4:
+      per_step[kind] += 1
+  return once, per_step
+
+
+def _launches(dump: str) -> dict[str, Any]:
+  """`launch_plan` of the one program compiled into `dump` (None where the backend writes no
+  launch plan: XLA:CPU)."""
+  plans = glob.glob(os.path.join(dump, '*thunk_sequence_after_thunk_passes.txt'))
+  if not plans:
+    return {}
+  with open(plans[0]) as plan:
+    once, per_step = launch_plan(plan.read())
+  return {'loop_body_launches': sum(per_step.values()),
+          'loop_body_launches_by_kind': dict(per_step.most_common()),
+          'outside_loops_launches': sum(once.values()),
+          'outside_loops_launches_by_kind': dict(once.most_common())}
 
 
 def _gpu_sharding():
@@ -213,14 +258,15 @@ def count(target: str, quick: bool, compute_dtype: str, pallas: bool,
       args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           (sampling_variables, obs, jax.random.key(1)))
       with tempfile.TemporaryDirectory(prefix='gpu_kernels_') as dump:
-        options = {'xla_dump_to': dump} if ptxas else None
-        text = policy.predict_action_jit.lower(*args).compile(options).as_text()
+        text = policy.predict_action_jit.lower(*args).compile({'xla_dump_to': dump}).as_text()
+        launches = _launches(dump)
         spills = register_spills(dump, ptxas) if ptxas else None
       body, once = loop_body_kernels(text), outside_loops_kernels(text)
       result[f'batch{batch}'] = {'loop_body_kernels': sum(body.values()),
                                  'loop_body_by_kind': dict(body.most_common()),
                                  'outside_loops_kernels': sum(once.values()),
                                  'outside_loops_by_kind': dict(once.most_common()),
+                                 **launches,
                                  **({'ptxas': spills} if ptxas else {})}
   return result
 

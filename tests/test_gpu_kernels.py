@@ -1,6 +1,6 @@
 """`scripts/gpu_kernels.py`: its HLO kernel count against a hand-counted module, its reading of
-ptxas's register report, and a run that compiles the sampler (for this CPU: the suite has no
-CUDA plugin) and reports every field."""
+a launch plan and of ptxas's register report, and a run that compiles the sampler (for this CPU:
+the suite has no CUDA plugin) and reports every field."""
 
 import json
 import os
@@ -76,6 +76,31 @@ def test_reads_each_kernels_registers_and_spills_keeping_the_worst_copy():
       'loop_add_fusion_1': {'registers': 10, 'spill_stores': 0, 'spill_loads': 0}}
   with pytest.raises(ValueError, match='no register or spill figures for broken'):
     gpu_kernels.ptxas_usage("ptxas info    : Compiling entry function 'broken' for 'sm_90a'\n")
+
+
+# The shape of XLA:GPU's *.thunk_sequence_after_thunk_passes.txt: at the top level a cuDNN call,
+# a CUDA graph of two kernels, a kernel alone, the while loop (its condition's kernel and a body
+# of one graph of two kernels) and a copy.
+THUNK_SEQUENCE = """001: kConvolution    [source        | next=000 (1)] cudnn-conv
+000: kCommandBuffer  [prev=001 (1)  | next=004 (1)] 
+    002: kCustomKernel [source       | next=003 (1)] input_reduce_fusion_14 grid: [2, 1, 1]
+    003: kCustomKernel [prev=002 (1) | sink        ] loop_maximum_fusion grid: [361, 1, 1]
+004: kCustomKernel   [prev=000 (1)  | next=005 (1)] loop_slice_fusion_9 grid: [100, 1, 1]
+005: kWhile         [prev=004 (1) | next=009 (1)]   
+condition:
+    006: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
+  body:
+    000: kCommandBuffer [source | sink] 
+        007: kCustomKernel [source        | next=008 (1)] gemm_fusion_dot_16 grid: [32, 1, 1]
+        008: kCustomKernel [prev=007 (1)  | sink] fusion_965 grid: [80, 1, 1]
+009: kCopy           [prev=005 (1)  | sink] copy
+"""
+
+
+def test_reads_the_hosts_launches_from_the_launch_plan():
+  once, per_step = gpu_kernels.launch_plan(THUNK_SEQUENCE)
+  assert once == {'kConvolution': 1, 'kCommandBuffer': 1, 'kCustomKernel': 1, 'kCopy': 1}
+  assert per_step == {'kCommandBuffer': 1}
 
 
 def test_quick_run_on_cpu_reports_every_field():

@@ -11,7 +11,7 @@ import pytest
 from configs import lift
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
-from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
+from dpjax.diffusion.policy import STACKED_CAMERAS, DiffusionPolicy, PolicyNetwork
 from dpjax.models import cpu_kernels, pallas_decoder, resnet
 from dpjax.models.obs_encoder import output_dim
 
@@ -144,6 +144,38 @@ def test_sampling_variables_give_the_same_features_and_actions(compute_dtype, ke
   expected = policy.predict_action(variables, raw_obs, jax.random.key(5))['action_pred']
   got = policy.predict_action(sampling_variables, raw_obs, jax.random.key(5))['action_pred']
   np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+
+
+def test_stacked_cameras_give_the_same_features_and_actions(monkeypatch):
+  """On a GPU `sampling_variables` stacks the cameras' encoder parameters and the encoders run
+  as one vmapped program (a grouped convolution per layer: half the launches of a call). Told
+  it runs on a GPU (as scripts/gpu_kernels.py does), the library does so here on XLA:CPU, and
+  gives the features and actions of the cameras encoded one by one."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  config = _config(p_drop_attn=0.0)
+  config.task.shape_meta = lift._shape_meta(IMAGE_SIZE)  # Both cameras.
+  policy = _make_policy(config)
+  variables = policy.init(jax.random.key(0))
+  sampling_variables = policy.sampling_variables(variables)
+  stacked = sampling_variables[STACKED_CAMERAS]
+  cameras = variables['params']['obs_encoder']
+  for index, key in enumerate(('agentview_image', 'robot0_eye_in_hand_image')):
+    jax.tree.map(lambda own, all_cameras: np.testing.assert_array_equal(own, all_cameras[index]),
+                 cameras[key], stacked)
+
+  rng = np.random.default_rng(1)
+  obs = {s.key: rng.uniform(-1, 1, (BATCH,) + s.shape).astype(np.float32)
+         for s in policy.shape_meta.obs}
+  encode = jax.jit(lambda v, stacked: policy.network.apply(v, obs, False, stacked,
+                                                           method=PolicyNetwork.encode))
+  expected = encode(variables, None)
+  got = encode(variables, stacked)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+
+  raw_obs = _batch(policy.shape_meta, np.random.default_rng(2))['obs']
+  expected = policy.predict_action(variables, raw_obs, jax.random.key(5))['action_pred']
+  got = policy.predict_action(sampling_variables, raw_obs, jax.random.key(5))['action_pred']
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_variables_belong_to_their_sampler():

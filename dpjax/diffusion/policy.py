@@ -35,13 +35,15 @@ from dpjax.data.normalizer import ACTION_KEY, Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion import ddpm, sampling
 from dpjax.diffusion.schedules import make_noise_schedule
-from dpjax.models.obs_encoder import ObservationEncoder, output_dim
+from dpjax.models.obs_encoder import ObservationEncoder, output_dim, stack_camera_params
 from dpjax.models import pallas_decoder, resnet, transformer
 from dpjax.models.transformer import TransformerForDiffusion
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 # The `sampling_variables` entry holding the decoder's `transformer.DecoderConstants`.
 DECODER_CONSTANTS = 'decoder_constants'
+# The `sampling_variables` entry holding the cameras' encoder parameters stacked (GPU only).
+STACKED_CAMERAS = 'stacked_cameras'
 
 
 class PolicyNetwork(nn.Module):
@@ -49,9 +51,11 @@ class PolicyNetwork(nn.Module):
   obs_encoder: ObservationEncoder
   noise_model: TransformerForDiffusion
 
-  def encode(self, obs: Mapping[str, jax.Array], train: bool) -> jax.Array:
-    """{key: (N, ...)} normalised observations → (N, D_obs)."""
-    return self.obs_encoder(obs, train=train)
+  def encode(self, obs: Mapping[str, jax.Array], train: bool,
+             stacked_cameras: Optional[Any] = None) -> jax.Array:
+    """{key: (N, ...)} normalised observations → (N, D_obs) (`stacked_cameras`: as
+    `ObservationEncoder`'s)."""
+    return self.obs_encoder(obs, train=train, stacked_cameras=stacked_cameras)
 
   def denoise(self, sample: jax.Array, timesteps: jax.Array, cond: Optional[jax.Array],
               train: bool) -> jax.Array:
@@ -215,7 +219,8 @@ class DiffusionPolicy:
     rngs = {'crop': rng} if rng is not None else {}
     encoder_variables = {name: variables[name] for name in ('params', resnet.PACKED_KERNELS)
                          if name in variables}
-    features = self.network.apply(encoder_variables, flat, train, rngs=rngs,
+    features = self.network.apply(encoder_variables, flat, train,
+                                  variables.get(STACKED_CAMERAS), rngs=rngs,
                                   method=PolicyNetwork.encode)
     return features.reshape(batch_size, to, -1)
 
@@ -301,10 +306,11 @@ class DiffusionPolicy:
     """`variables` with what `predict_action` derives from the parameters alone, computed once.
 
     Adds the encoders' convolution kernels packed for the CPU kernels (`resnet.PACKED_KERNELS`,
-    where they run) and the decoder's packed weights and timestep table
-    (`transformer.DecoderConstants`, for this policy's sampler). Passing the result to
-    `predict_action` instead of `variables` gives the same actions (up to float summation
-    order) without that work per call: for repeated sampling with fixed parameters
+    where they run), on a GPU the cameras' encoder parameters stacked for one vmapped encoder
+    (`STACKED_CAMERAS`: half the launches per call), and the decoder's packed weights and
+    timestep table (`transformer.DecoderConstants`, for this policy's sampler). Passing the
+    result to `predict_action` instead of `variables` gives the same actions (up to float
+    summation order) without that work per call: for repeated sampling with fixed parameters
     (evaluation rollouts). It is for this policy's sampler settings only, and not for training.
     """
     return self._sampling_variables_jit(variables)
@@ -316,6 +322,11 @@ class DiffusionPolicy:
     _, packed = self.network.apply({'params': variables['params']}, obs, False,
                                    method=PolicyNetwork.encode, mutable=[resnet.PACKED_KERNELS])
     result = {'params': variables['params'], **packed}
+    encoder = self.network.obs_encoder
+    # On CPU the C++ kernels run each camera's layers; a vmapped convolution would not be one.
+    if jax.default_backend() == 'gpu' and encoder.stacks_cameras:
+      result[STACKED_CAMERAS] = stack_camera_params(variables['params']['obs_encoder'],
+                                                    encoder.camera_keys)
     noise_model = self.network.noise_model
     if transformer.supports_cached_denoise(noise_model):
       result[DECODER_CONSTANTS] = transformer.decoder_constants(

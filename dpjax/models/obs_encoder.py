@@ -10,7 +10,7 @@ projection Linear) use PyTorch's default initialisation: weights and biases unif
 ±1/sqrt(fan_in).
 """
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -106,12 +106,25 @@ def output_dim(shape_meta: ShapeMeta, feature_dim: int) -> int:
   return sum(feature_dim if s.kind == 'rgb' else s.shape[0] for s in shape_meta.obs)
 
 
+def stack_camera_params(encoder_params: Mapping[str, Any],
+                        camera_keys: Sequence[str]) -> dict:
+  """The cameras' ImageEncoder parameters (sub-trees of the ObservationEncoder's parameters)
+  stacked on a new leading axis in `camera_keys` order, for `ObservationEncoder`'s
+  `stacked_cameras`."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[encoder_params[k] for k in camera_keys])
+
+
 class ObservationEncoder(nn.Module):
   """Encodes a flat batch of observations: `{key: (N, ...)}` → (N, D_obs) float32.
 
   Images come in as floats in [−1, 1], (N, H, W, 3) with H, W ≥ crop_shape; they are cropped
   to crop_shape at random (rng stream 'crop') when `train`, at the centre otherwise.
   crop_shape None disables cropping. Parameters live under one sub-tree per camera key.
+
+  `stacked_cameras` (the cameras' parameters from `stack_camera_params`, camera keys in
+  shape_meta order) runs all cameras' encoders as one vmapped program instead: on a GPU each
+  layer is then one grouped cuDNN convolution for all cameras, and a sampling call makes half
+  the launches (docs/performance.md, session 23). Same results, for images of one shape.
   """
   shape_meta: ShapeMeta
   crop_shape: Optional[tuple[int, int]] = (76, 76)
@@ -122,7 +135,8 @@ class ObservationEncoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, obs: Mapping[str, jax.Array], train: bool) -> jax.Array:
+  def __call__(self, obs: Mapping[str, jax.Array], train: bool,
+               stacked_cameras: Optional[Any] = None) -> jax.Array:
     if not self.group_norm:
       raise ValueError(
           'ObservationEncoder: group_norm=False (BatchNorm) is not supported: BatchNorm running '
@@ -130,16 +144,46 @@ class ObservationEncoder(nn.Module):
           'reference replaces BatchNorm by GroupNorm for this reason). Set '
           'config.model.obs_encoder_group_norm = True.')
     n = self._check_obs(obs)
-    features = []
-    for spec in self.shape_meta.obs:
-      x = obs[spec.key]
-      if spec.kind == 'rgb':
-        if self.crop_shape is not None:
-          x = crop_images(x, self.crop_shape, self._crop_rng(spec.key, x, train))
-        x = ImageEncoder(self.resnet_width, self.num_keypoints, self.feature_dim,
-                         dtype=self.dtype, name=spec.key)(x)
-      features.append(x.reshape(n, -1).astype(jnp.float32))
-    return jnp.concatenate(features, axis=-1)
+    images = {}
+    for key in self.camera_keys:
+      images[key] = obs[key]
+      if self.crop_shape is not None:
+        images[key] = crop_images(obs[key], self.crop_shape,
+                                  self._crop_rng(key, obs[key], train))
+    if stacked_cameras is None:
+      image_features = {key: self._image_encoder(name=key)(x) for key, x in images.items()}
+    else:
+      image_features = self._stacked_image_features(images, stacked_cameras)
+    features = [image_features[s.key] if s.kind == 'rgb' else obs[s.key]
+                for s in self.shape_meta.obs]
+    return jnp.concatenate([x.reshape(n, -1).astype(jnp.float32) for x in features], axis=-1)
+
+  @property
+  def camera_keys(self) -> tuple[str, ...]:
+    return tuple(s.key for s in self.shape_meta.obs if s.kind == 'rgb')
+
+  @property
+  def stacks_cameras(self) -> bool:
+    """Whether `stacked_cameras` can serve: several cameras whose images reach the encoders in
+    one shape."""
+    shapes = {s.shape for s in self.shape_meta.obs if s.kind == 'rgb'}
+    return len(self.camera_keys) > 1 and (self.crop_shape is not None or len(shapes) == 1)
+
+  def _image_encoder(self, **kwargs) -> ImageEncoder:
+    return ImageEncoder(self.resnet_width, self.num_keypoints, self.feature_dim,
+                        dtype=self.dtype, **kwargs)
+
+  def _stacked_image_features(self, images: Mapping[str, jax.Array],
+                              stacked_params: Any) -> dict[str, jax.Array]:
+    shapes = {key: x.shape for key, x in images.items()}
+    if len(set(shapes.values())) != 1:
+      raise ValueError(f'ObservationEncoder: stacked_cameras needs images of one shape, got '
+                       f'{shapes}')
+    # Unbound (parent=None): applied to the stacked parameters, not a child with its own.
+    encoder = self._image_encoder(parent=None)
+    features = jax.vmap(lambda params, x: encoder.apply({'params': params}, x))(
+        stacked_params, jnp.stack(list(images.values())))
+    return dict(zip(images, features))
 
   def _crop_rng(self, key: str, images: jax.Array, train: bool) -> Optional[jax.Array]:
     if not train or tuple(images.shape[1:3]) == tuple(self.crop_shape):
