@@ -92,12 +92,17 @@ def _count_kernel_flops(stats: dict[str, Any], jitted, args: tuple, median_s: fl
 
 def _traced_call(fn: Callable[[], Any], trace_dir: str) -> dict[str, Any]:
   """One call of `fn` under the profiler, its trace written below `trace_dir`: its wall time
-  and `trace_summary.summarize` of the trace."""
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    call_s = time.perf_counter() - start
-  return dict(trace_summary.summarize(trace_dir), call_s=call_s)
+  and `trace_summary.summarize` of the trace. A profiler that fails (a device without CUPTI,
+  say) is reported in the figure's `trace` as `error`, and the figure's timings are kept."""
+  try:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      call_s = time.perf_counter() - start
+    return dict(trace_summary.summarize(trace_dir), call_s=call_s)
+  except Exception as error:  # pylint: disable=broad-except  # A diagnostic, not a figure.
+    print(f'benchmark: no trace in {trace_dir}: {error!r}', file=sys.stderr, flush=True)
+    return {'error': repr(error)}
 
 
 def _timed_program(jitted, args: tuple, repeats: int, flops_args: tuple | None = None,

@@ -91,3 +91,14 @@ def test_host_allocator_names_the_preloaded_malloc():
                           capture_output=True, text=True).stdout.split()[-1]
            for e in (env, dict(env, LD_PRELOAD=_TCMALLOC))]
   assert names == ['system', 'tcmalloc']
+
+
+def test_a_failing_profiler_leaves_an_error_in_the_trace_not_a_crash(monkeypatch, tmp_path):
+  monkeypatch.syspath_prepend(os.path.join(REPO, 'scripts'))
+  import benchmark  # pylint: disable=g-import-not-at-top
+
+  def no_profiler(*args, **kwargs):
+    raise RuntimeError('CUPTI unavailable')
+  monkeypatch.setattr(benchmark.jax.profiler, 'trace', no_profiler)
+  assert benchmark._traced_call(lambda: 0, str(tmp_path)) == {  # pylint: disable=protected-access
+      'error': "RuntimeError('CUPTI unavailable')"}
