@@ -147,8 +147,8 @@ def launch_plan(thunk_text: str) -> tuple[collections.Counter, collections.Count
 
 
 def _launches(dump: str) -> dict[str, Any]:
-  """`launch_plan` of the one program compiled into `dump` (None where the backend writes no
-  launch plan: XLA:CPU)."""
+  """`launch_plan` of the one program compiled into `dump`, as report fields; none where the
+  backend writes no launch plan (XLA:CPU)."""
   plans = glob.glob(os.path.join(dump, '*thunk_sequence_after_thunk_passes.txt'))
   if not plans:
     return {}
