@@ -171,7 +171,9 @@ def _denoise_step_flops(policy: DiffusionPolicy, variables, batch: int) -> float
           if policy.obs_as_cond else None)
   denoise = jax.jit(lambda v, x, t, c: policy.network.apply(v, x, t, c, False,
                                                             method=PolicyNetwork.denoise))
-  return _compiled_stats(denoise.lower(variables, x, t, cond).compile())['flops'] or 0.0
+  # With bfloat16 compute the Dense layers run on the CPU kernels even from plain variables.
+  with cpu_kernels.disabled():
+    return _compiled_stats(denoise.lower(variables, x, t, cond).compile())['flops'] or 0.0
 
 
 def bench_predict(args) -> dict[str, Any]:
@@ -381,6 +383,24 @@ def host_allocator() -> str | None:
   return 'system'
 
 
+def cpu_model() -> str:
+  """The host CPU as /proc/cpuinfo names it, with its family and model numbers (the same
+  'AMD EPYC' name covers several generations); the architecture where /proc is missing."""
+  try:
+    with open('/proc/cpuinfo') as cpuinfo:
+      lines = cpuinfo.read().splitlines()
+  except OSError:
+    return platform.machine()
+  fields = {}
+  for line in lines:
+    key, _, value = line.partition(':')
+    fields.setdefault(key.strip(), value.strip())
+  name = fields.get('model name', platform.machine())
+  if 'cpu family' in fields and 'model' in fields:
+    name += f" (family {fields['cpu family']}, model {fields['model']})"
+  return name
+
+
 def system_info() -> dict[str, Any]:
   device = jax.devices()[0]
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -388,7 +408,7 @@ def system_info() -> dict[str, Any]:
       'device_kind': device.device_kind, 'platform': device.platform,
       'device_count': jax.device_count(), 'process_count': jax.process_count(),
       'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
-      'python': platform.python_version(), 'cpu_count': os.cpu_count(),
+      'python': platform.python_version(), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'threads': {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS',
                                                  'TF_NUM_INTRAOP_THREADS')},
