@@ -40,7 +40,7 @@ struct Precision<float> {
   static float Round(float value) { return value; }
   static void Block(int64_t rows, const float* x, const float* panel, float* tile,
                     int64_t k_dim) {
-    kBlocks[rows - 1](x, panel, tile, k_dim, kPanelWidth, 0, 0);
+    kStreamedBlocks[rows - 1](x, panel, tile, k_dim, kPanelWidth, 0, 0);
   }
 };
 
@@ -62,42 +62,45 @@ struct Precision<uint16_t> {
 
 enum class Epilogue { kStore, kGelu, kAdd };
 
-// Panel p of out = epilogue(x (M, K) @ W + bias), out's rows `stride` apart: kStore writes the
-// sums (float out), kGelu their GELU (out: a dense input, W), kAdd adds them to out (float: a
-// residual connection).
+// out = epilogue(x (M, K) @ W + bias), out's rows `stride` apart, a run of panels per thread
+// (`PanelsPerRun`): kStore writes the sums (float out), kGelu their GELU (out: a dense input, W),
+// kAdd adds them to out (float: a residual connection).
 template <Epilogue kEpilogue, typename W, typename Out>
 Phase DensePhase(const PackedWeights<W>& w, const W* x, int64_t m_dim, Out* out,
-                 int64_t stride) {
+                 int64_t stride, int64_t threads) {
   using P = Precision<W>;
-  return {w.PanelCount(), [=](int64_t p) {
-            float tile[kMaxRows * kPanelWidth];
-            const int64_t col = p * kPanelWidth;
-            const int64_t cols = std::min(kPanelWidth, w.n_dim - col);
-            const W* panel = w.panels + p * w.k_dim * kPanelWidth;
-            // The panel's bias, zero past N (the padding columns are computed, not stored).
-            float bias[kPanelWidth] = {};
-            std::copy(w.bias + col, w.bias + col + cols, bias);
-            for (int64_t m0 = 0; m0 < m_dim; m0 += kMaxRows) {
-              const int64_t rows = std::min<int64_t>(kMaxRows, m_dim - m0);
-              P::Block(rows, x + m0 * w.k_dim, panel, tile, w.k_dim);
-              for (int64_t i = 0; i < rows; ++i) {
-                // Whole rows of the tile first (32 wide, in local memory): these loops vectorize.
-                float* sums = tile + i * kPanelWidth;
-                for (int64_t c = 0; c < kPanelWidth; ++c) sums[c] = P::Round(sums[c] + bias[c]);
-                if constexpr (kEpilogue == Epilogue::kGelu) {
-                  for (int64_t c = 0; c < kPanelWidth; ++c) sums[c] = Gelu(sums[c]);
-                }
-                Out* dest = out + (m0 + i) * stride + col;
-                for (int64_t c = 0; c < cols; ++c) {
-                  if constexpr (kEpilogue == Epilogue::kAdd) {
-                    dest[c] = P::Round(dest[c] + sums[c]);
-                  } else {
-                    dest[c] = FromFloat<Out>(sums[c]);
-                  }
-                }
-              }
+  const int64_t panels = w.PanelCount(), run = PanelsPerRun(panels, threads);
+  return {(panels + run - 1) / run, [=](int64_t task) {
+    for (int64_t p = task * run; p < std::min(panels, (task + 1) * run); ++p) {
+      float tile[kMaxRows * kPanelWidth];
+      const int64_t col = p * kPanelWidth;
+      const int64_t cols = std::min(kPanelWidth, w.n_dim - col);
+      const W* panel = w.panels + p * w.k_dim * kPanelWidth;
+      // The panel's bias, zero past N (the padding columns are computed, not stored).
+      float bias[kPanelWidth] = {};
+      std::copy(w.bias + col, w.bias + col + cols, bias);
+      for (int64_t m0 = 0; m0 < m_dim; m0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, m_dim - m0);
+        P::Block(rows, x + m0 * w.k_dim, panel, tile, w.k_dim);
+        for (int64_t i = 0; i < rows; ++i) {
+          // Whole rows of the tile first (32 wide, in local memory): these loops vectorize.
+          float* sums = tile + i * kPanelWidth;
+          for (int64_t c = 0; c < kPanelWidth; ++c) sums[c] = P::Round(sums[c] + bias[c]);
+          if constexpr (kEpilogue == Epilogue::kGelu) {
+            for (int64_t c = 0; c < kPanelWidth; ++c) sums[c] = Gelu(sums[c]);
+          }
+          Out* dest = out + (m0 + i) * stride + col;
+          for (int64_t c = 0; c < cols; ++c) {
+            if constexpr (kEpilogue == Epilogue::kAdd) {
+              dest[c] = P::Round(dest[c] + sums[c]);
+            } else {
+              dest[c] = FromFloat<Out>(sums[c]);
             }
-          }};
+          }
+        }
+      }
+    }
+  }};
 }
 
 // DpjaxDecoderLayer's parameters, in the order of the call's remaining operands.
@@ -129,6 +132,7 @@ struct DecoderOperands {
 template <typename W>
 void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
   using P = Precision<W>;
+  const int64_t threads = pool.num_threads();
   const int64_t m_dim = op.b_dim * op.t_dim, e_dim = op.e_dim, t_dim = op.t_dim;
   const int64_t d_dim = e_dim / op.num_heads, num_heads = op.num_heads, s0 = op.s0, s1 = op.s1;
   auto weights = [&](int index, int64_t k_dim, int64_t n_dim) {
@@ -219,16 +223,17 @@ void RunDecoderLayer(ffi::ThreadPool& pool, const DecoderOperands& op) {
   }};
   RunPhases(pool, {normalize(kNorm1Scale, op.x, out),
                    DensePhase<Epilogue::kStore>(weights(kSelfQkv, e_dim, 3 * e_dim),
-                                                normed.data(), m_dim, qkv.data(), 3 * e_dim),
+                                                normed.data(), m_dim, qkv.data(), 3 * e_dim,
+                                                threads),
                    self_attention,
                    DensePhase<Epilogue::kAdd>(weights(kSelfOut, e_dim, e_dim), attended_data,
-                                              m_dim, out, e_dim),
+                                              m_dim, out, e_dim, threads),
                    normalize(kNorm2Scale, out, nullptr), cross_attention,
                    normalize(kNorm3Scale, out, nullptr),
                    DensePhase<Epilogue::kGelu>(weights(kFfnIn, e_dim, op.f_dim), normed.data(),
-                                               m_dim, hidden.data(), op.f_dim),
+                                               m_dim, hidden.data(), op.f_dim, threads),
                    DensePhase<Epilogue::kAdd>(weights(kFfnOut, op.f_dim, e_dim), hidden.data(),
-                                              m_dim, out, e_dim)});
+                                              m_dim, out, e_dim, threads)});
 }
 
 // Whether `panels` and `bias` are a K x N Dense layer packed for PackedDense (float32) or

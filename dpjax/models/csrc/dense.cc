@@ -26,8 +26,8 @@ ffi::Error PackedDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* x_data = x.typed_data();
   const float* panel_data = panels.typed_data();
   float* y_data = y->typed_data();
-  DenseOverPanels(pool, kBlocks, x_data, panel_data, y_data, p_dims[0], k_dim * kPanelWidth,
-                  k_dim, m_dim, n_dim);
+  DenseOverPanels(pool, kStreamedBlocks, x_data, panel_data, y_data, p_dims[0],
+                  k_dim * kPanelWidth, k_dim, m_dim, n_dim);
   return ffi::Error::Success();
 }
 

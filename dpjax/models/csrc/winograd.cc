@@ -143,7 +143,7 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         const float* panel = panel_data + (e * panel_count + p) * c * kPanelWidth;
         for (int64_t m0 = 0; m0 < count; m0 += kMaxRows) {
           const int64_t block = std::min<int64_t>(kMaxRows, count - m0);
-          kBlocks[block - 1](v_rows, panel, m_rows, c, c_out, m0, p * kPanelWidth);
+          kCachedBlocks[block - 1](v_rows, panel, m_rows, c, c_out, m0, p * kPanelWidth);
         }
       }
     }
