@@ -212,14 +212,17 @@ def bench_predict(args) -> dict[str, Any]:
       runs = [('', sampling_variables)]
       if batch == batches[0]:
         runs.append(('_plain_variables', variables))
+      step_flops = None  # The same for both variable sets: counted once per batch size.
       for suffix, call_variables in runs:
         figure = f'{sampler}{steps}_batch{batch}{suffix}'
         trace_dir = os.path.join(args.trace, figure) if args.trace and not suffix else None
         timing = _timed_program(jitted, (call_variables, obs, key), args.repeats,
                                 flops_args=(variables, obs, key), trace_dir=trace_dir)
         if timing['flops']:
+          if step_flops is None:
+            step_flops = _denoise_step_flops(policy, variables, batch)
           timing.setdefault('xla_program_flops', timing['flops'])
-          timing['flops'] += (steps - 1) * _denoise_step_flops(policy, variables, batch)
+          timing['flops'] += (steps - 1) * step_flops
           timing['flops_per_s'] = timing['flops'] / timing['median_s']
         results[figure] = dict(
             timing, sampler=sampler, num_inference_steps=steps, batch_size=batch,

@@ -63,15 +63,15 @@ struct Precision<uint16_t> {
 enum class Epilogue { kStore, kGelu, kAdd };
 
 // out = epilogue(x (M, K) @ W + bias), out's rows `stride` apart, a run of panels per thread
-// (`PanelsPerRun`): kStore writes the sums (float out), kGelu their GELU (out: a dense input, W),
+// (`PanelRuns`): kStore writes the sums (float out), kGelu their GELU (out: a dense input, W),
 // kAdd adds them to out (float: a residual connection).
 template <Epilogue kEpilogue, typename W, typename Out>
 Phase DensePhase(const PackedWeights<W>& w, const W* x, int64_t m_dim, Out* out,
                  int64_t stride, int64_t threads) {
   using P = Precision<W>;
-  const int64_t panels = w.PanelCount(), run = PanelsPerRun(panels, threads);
-  return {(panels + run - 1) / run, [=](int64_t task) {
-    for (int64_t p = task * run; p < std::min(panels, (task + 1) * run); ++p) {
+  const PanelRuns runs(w.PanelCount(), threads);
+  return {runs.Tasks(), [=](int64_t task) {
+    for (int64_t p = runs.Begin(task); p < runs.End(task); ++p) {
       float tile[kMaxRows * kPanelWidth];
       const int64_t col = p * kPanelWidth;
       const int64_t cols = std::min(kPanelWidth, w.n_dim - col);

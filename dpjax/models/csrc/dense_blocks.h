@@ -44,7 +44,7 @@ constexpr auto BlockTable(Make make) {
 // next panel's start, where the hardware prefetcher would start over (a prefetch never faults,
 // so reading past the last panel is harmless). Weights read once per call from memory
 // (sampling's Dense and decoder layers, whose panels each thread takes as one contiguous run:
-// `PanelsPerRun`) want it 8 KB ahead: on the 2-core Zen 5 EPYC, batch-1 DDPM-100 sampling took
+// `PanelRuns`) want it 8 KB ahead: on the 2-core Zen 5 EPYC, batch-1 DDPM-100 sampling took
 // 22 % less time than with 3 KB ahead and one panel per task (the decoder's dense phases had
 // streamed at 34 GB/s of the two cores' 46-50; not measured on the Intel VM, where 3 KB was
 // chosen). Panels already in cache (the Winograd convolution's products) keep 3 KB: 8 KB
@@ -86,24 +86,30 @@ constexpr auto kStreamedBlocks = BlockTable<BlockFn>(
 constexpr auto kCachedBlocks = BlockTable<BlockFn>(
     [](auto rows) { return &PanelBlock<rows, kCachedPrefetchSteps>; });
 
-// Panels per task when each of `threads` threads takes one contiguous run of `panel_count`
-// panels (the last run shorter), so that a thread's prefetches past a panel's end land in the
-// panel it takes next.
-inline int64_t PanelsPerRun(int64_t panel_count, int64_t threads) {
-  const int64_t runs = std::max<int64_t>(1, std::min(panel_count, threads));
-  return (panel_count + runs - 1) / runs;
-}
+// `panel_count` panels as one contiguous run per thread (the last run shorter), a task each, so
+// that a thread's prefetches past a panel's end land in the panel it takes next.
+struct PanelRuns {
+  PanelRuns(int64_t panel_count, int64_t threads) : panel_count(panel_count) {
+    const int64_t runs = std::max<int64_t>(1, std::min(panel_count, threads));
+    run = (panel_count + runs - 1) / runs;
+  }
+  int64_t Tasks() const { return (panel_count + run - 1) / run; }
+  int64_t Begin(int64_t task) const { return task * run; }
+  int64_t End(int64_t task) const { return std::min(panel_count, (task + 1) * run); }
+
+  int64_t panel_count, run;
+};
 
 // y = x @ W over W's 32-column panels (`panel_size` elements each), a run of panels per thread
-// (`PanelsPerRun`), up to kMaxRows rows of x per call of `blocks` (indexed by rows - 1); `depth`
-// is the blocks' K.
+// (`PanelRuns`), up to kMaxRows rows of x per call of `blocks` (indexed by rows - 1); `depth` is
+// the blocks' K.
 template <typename Blocks, typename X, typename W>
 void DenseOverPanels(ffi::ThreadPool& pool, const Blocks& blocks, const X* x, const W* panels,
                      float* y, int64_t panel_count, int64_t panel_size, int64_t depth,
                      int64_t m_dim, int64_t n_dim) {
-  const int64_t run = PanelsPerRun(panel_count, pool.num_threads());
-  ParallelFor(pool, (panel_count + run - 1) / run, [=, &blocks](int64_t task) {
-    for (int64_t p = task * run; p < std::min(panel_count, (task + 1) * run); ++p) {
+  const PanelRuns runs(panel_count, pool.num_threads());
+  ParallelFor(pool, runs.Tasks(), [=, &blocks](int64_t task) {
+    for (int64_t p = runs.Begin(task); p < runs.End(task); ++p) {
       for (int64_t m0 = 0; m0 < m_dim; m0 += kMaxRows) {
         const int64_t rows = std::min<int64_t>(kMaxRows, m_dim - m0);
         blocks[rows - 1](x, panels + p * panel_size, y, depth, n_dim, m0, p * kPanelWidth);
