@@ -15,10 +15,13 @@ Multi-host: run the same command on every host with --coordinator_address=HOST:P
 import datetime
 import logging as pylogging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dpjax.errors import report_user_errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and variant, e.g. configs/lift.py:cpu.', lock_config=True)
@@ -46,6 +49,17 @@ def _initialize_distribution() -> None:
                                process_id=_PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, and one message for an override that names no config field
+  (ml_collections raises a bare AttributeError there, which absl does not catch)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    cause = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+    message = str(cause.args[0] if cause.args else cause).replace('\n', ' ')
+    sys.exit(f'error: a --config.* override names no field of the config: {message}')
 
 
 def _quiet_checkpoint_logs() -> None:
@@ -88,4 +102,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(report_user_errors(main), flags_parser=_parse_flags)

@@ -3,25 +3,49 @@
 A crash or kill mid-write leaves the previous file (or none), never a partial one.
 """
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+def _process_umask() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+  """Yields a temporary path to write `path`'s new content to; it becomes `path` when the block
+  ends without an exception, and is removed otherwise.
+
+  Fails before the block runs if `path` is a folder, so that long work writing the file (demo
+  generation) is not lost at the end.
+  """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f'{path}: is a folder; expected the path of a file to write')
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  os.close(fd)
+  # mkstemp creates the file readable by its owner only; the result should have the permissions
+  # of any file this user creates (an exported policy read by another account, say).
+  os.chmod(tmp, 0o666 & ~_process_umask())
   try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    yield tmp
     os.replace(tmp, path)
-  except BaseException:
+  finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+  with atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:

@@ -24,7 +24,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from configs import lift  # pylint: disable=g-import-not-at-top
+from dpjax.atomic_write import write_text_atomic
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
@@ -454,11 +454,18 @@ def main(argv=None) -> dict[str, Any]:
                       '(see scripts/trace_summary.py)')
   parser.add_argument('--output', default='benchmark.json')
   args = parser.parse_args(argv)
-  args.repeats = args.repeats or (2 if args.quick else 5)
+  if args.repeats is None:
+    args.repeats = 2 if args.quick else 5
+  elif args.repeats < 1:
+    parser.error(f'--repeats: must be >= 1, got {args.repeats}')
   selected = [f.strip() for f in args.only.split(',') if f.strip()]
   unknown = sorted(set(selected) - set(FIGURES))
   if unknown:
     parser.error(f'--only: unknown figure(s) {unknown}; choose from {FIGURES}')
+  if not selected:
+    parser.error(f'--only: no figure named; choose from {FIGURES}')
+  if os.path.isdir(args.output):
+    parser.error(f'--output {args.output}: is a folder; expected the path of the JSON file')
 
   benches = {'predict': bench_predict, 'train': bench_train, 'encoder': bench_encoder,
              'pipeline': bench_pipeline, 'env': bench_env,
@@ -473,11 +480,7 @@ def main(argv=None) -> dict[str, Any]:
   report['memory'] = peak_memory()
   text = json.dumps(report, indent=2)
   print(text)
-  directory = os.path.dirname(os.path.abspath(args.output))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
-    f.write(text)
-  os.replace(f.name, args.output)
+  write_text_atomic(args.output, text)
   return report
 
 

@@ -26,6 +26,7 @@ configure_headless_rendering()
 import jax
 
 from configs import lift
+from dpjax.errors import InputError, report_user_errors
 from dpjax.evaluation import runner
 from dpjax.training import checkpointing
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -44,6 +45,32 @@ def checkpoint_step(path: str) -> int | None:
     if steps:
       return max(steps)
   return None
+
+
+def default_output_dir(source: str) -> str:
+  """Where an evaluation of `source` goes without --output_dir: in the workdir, beside what
+  training manages rather than inside it (the next export replaces the policy folder wholesale,
+  and orbax deletes a step's folder when it prunes the step).
+
+  runs/X -> runs/X/eval; runs/X/checkpoints -> runs/X/eval (its latest step);
+  runs/X/checkpoints/400 -> runs/X/eval_step_400; runs/X/policy -> runs/X/eval_policy.
+  """
+  path = os.path.abspath(source)
+  parent, name = os.path.split(path)
+  if name.isdigit():
+    return os.path.join(os.path.dirname(parent), f'eval_step_{name}')
+  if name == checkpointing.CHECKPOINTS_DIR:
+    return os.path.join(parent, 'eval')
+  if checkpointing.is_policy_export(path):
+    return os.path.join(parent, f'eval_{name}')
+  return os.path.join(path, 'eval')
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+  return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,11 +93,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--video_episodes', type=int, help='test episodes to record (default: '
                       'config); 0 for none')
   parser.add_argument('--sampler', choices=('ddpm', 'ddim'), help='default: the checkpoint\'s')
-  parser.add_argument('--num_inference_steps', type=int, help='default: the checkpoint\'s')
-  parser.add_argument('--n_action_steps', type=int,
+  parser.add_argument('--num_inference_steps', type=_positive_int,
+                      help='default: the checkpoint\'s')
+  parser.add_argument('--n_action_steps', type=_positive_int,
                       help='actions executed per prediction (default: the checkpoint\'s)')
-  parser.add_argument('--output_dir', help='default: <workdir or checkpoint>/eval, or '
-                      'runs/eval_expert for the expert')
+  parser.add_argument('--output_dir', help='default: in the run\'s workdir, eval/ (latest '
+                      'checkpoint), eval_step_<N>/ or eval_policy/; runs/eval_expert for the '
+                      'expert. An earlier evaluation there is replaced')
   parser.add_argument('--no_cameras', action='store_true',
                       help='expert only: skip rendering (it reads privileged state); no videos')
   parser.add_argument('--seed', type=int, default=0, help='sampling noise / expert style seed')
@@ -78,13 +107,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.policy == 'diffusion' and not (args.workdir or args.checkpoint):
     parser.error('give --workdir or --checkpoint (or --policy expert)')
-  if args.policy == 'expert' and (args.workdir or args.checkpoint or args.sampler or
-                                  args.num_inference_steps or args.n_action_steps):
+  diffusion_only = (args.workdir, args.checkpoint, args.sampler, args.num_inference_steps,
+                    args.n_action_steps)
+  if args.policy == 'expert' and any(a is not None for a in diffusion_only):
     parser.error('--policy expert takes no --workdir/--checkpoint/--sampler/'
                  '--num_inference_steps/--n_action_steps')
   if args.no_cameras and args.policy != 'expert':
     parser.error('--no_cameras is for --policy expert only (the policy sees the cameras)')
   return args
+
+
+def _make_output_dir(output_dir: str) -> None:
+  """Before any episode runs: a folder that cannot be written would lose the whole evaluation."""
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise InputError(f'output folder {output_dir}: cannot be created ({e.strerror}: '
+                     f'{e.filename})') from e
+  if not os.access(output_dir, os.W_OK):
+    raise InputError(f'output folder {output_dir}: not writable')
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress=not args.no_progress)
   if args.policy == 'expert':
     output_dir = args.output_dir or os.path.join('runs', 'eval_expert')
+    _make_output_dir(output_dir)
     config = lift.get_config(args.config_variant)
     step = None
     result = runner.evaluate_expert(
@@ -102,20 +144,21 @@ def main(argv: list[str] | None = None) -> dict:
         video_dir=None if args.no_cameras else os.path.join(output_dir, 'videos'), **common)
   else:
     source = args.workdir or args.checkpoint
-    output_dir = args.output_dir or os.path.join(source, 'eval')
+    output_dir = args.output_dir or default_output_dir(source)
     config, policy, variables = checkpointing.load_policy(source)
+    _make_output_dir(output_dir)
     step = checkpoint_step(source)
     result = runner.evaluate_policy(
         policy, variables, config, rng=jax.random.key(args.seed), sampler=args.sampler,
         num_inference_steps=args.num_inference_steps, n_action_steps=args.n_action_steps,
         video_dir=os.path.join(output_dir, 'videos'), **common)
   result['source'] = None if args.policy == 'expert' else os.path.abspath(source)
+  print(runner.format_summary(result))
   path = runner.write_eval_json(os.path.join(output_dir, 'eval.json'), result,
                                 checkpoint_step=step, config_name=config.name)
-  print(runner.format_summary(result))
   print(f'  wrote {path}')
   return result
 
 
 if __name__ == '__main__':
-  main()
+  report_user_errors(main)()

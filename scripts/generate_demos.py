@@ -11,7 +11,10 @@ import sys
 # Runnable as a plain script from a checkout: the package lives one directory up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dpjax.data import demo_generation  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from dpjax.data import demo_generation
+from dpjax.errors import report_user_errors
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,4 +36,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-  main()
+  report_user_errors(main)()

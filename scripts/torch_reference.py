@@ -219,3 +219,8 @@ def benchmark(config, predict_batches, predict_steps: int, train_batch: int, rep
   results['encoder_forward_backward'] = {'images': len(crops), 'median_s': median,
                                          'times_s': times}
   return results
+
+
+if __name__ == '__main__':
+  # A library of scripts/benchmark.py, not a command of its own: say how to run it.
+  raise SystemExit(__doc__)

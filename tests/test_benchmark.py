@@ -93,6 +93,21 @@ def test_host_allocator_names_the_preloaded_malloc():
   assert names == ['system', 'tcmalloc']
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--repeats', '0'], '--repeats: must be >= 1, got 0'),
+    (['--only', ''], '--only: no figure named'),
+    (['--only', 'predict,fly'], "--only: unknown figure(s) ['fly']"),
+    (['--output', '.'], '--output .: is a folder'),
+])
+def test_bad_flags_stop_before_any_figure_runs(monkeypatch, capsys, argv, message):
+  monkeypatch.syspath_prepend(os.path.join(REPO, 'scripts'))
+  import benchmark  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(benchmark, 'system_info', None)  # Reaching it would be a TypeError.
+  with pytest.raises(SystemExit):
+    benchmark.main(argv)
+  assert message in capsys.readouterr().err
+
+
 def test_a_failing_profiler_leaves_an_error_in_the_trace_not_a_crash(monkeypatch, tmp_path):
   monkeypatch.syspath_prepend(os.path.join(REPO, 'scripts'))
   import benchmark  # pylint: disable=g-import-not-at-top

@@ -101,6 +101,16 @@ def test_train_episodes_start_from_the_first_demos_initial_states(tmp_path):
     runner.train_initial_states(str(path), 5)
 
 
+def test_settings_refuse_seeds_numpy_cannot_take_before_any_episode_runs():
+  config = lift.get_config('smoke')
+  last = 2**32 - 1
+  assert runner.resolve_settings(config, num_episodes=2, seed_start=last - 1).seed_start == last - 1
+  for seed_start in (-1, last):
+    with pytest.raises(ValueError, match=rf'seed_start={seed_start} is out of range.*2 test '
+                       r'episodes use seeds seed_start, seed_start \+ 1'):
+      runner.resolve_settings(config, num_episodes=2, seed_start=seed_start)
+
+
 class FakeJaxPolicy:
   """A `predict_action`-like jitted function that counts its traces."""
 

@@ -36,3 +36,16 @@ def test_written_mp4_plays_back(tmp_path):
   np.testing.assert_allclose([f[:, :32].mean() for f in read], [10 * t for t in range(12)],
                              atol=4)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['test_7_failure.mp4']
+
+
+def test_a_rerun_replaces_the_earlier_runs_episode_videos(tmp_path):
+  stale = tmp_path / video.episode_video_name('test', 100000, True)
+  stale.write_bytes(b'old')
+  notes = tmp_path / 'notes.mp4'
+  notes.write_bytes(b'the user\'s own')
+  video.prepare_video_dir(tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.mp4']
+
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(ValueError, match=r'a_file/videos.*cannot be created'):
+    video.prepare_video_dir(tmp_path / 'a_file' / 'videos')

@@ -1,6 +1,8 @@
 """End to end through launch.py with the smoke config: train, checkpoint, restore, sample; evaluate
 the trained run with scripts/eval.py in rendered robosuite; resume after SIGKILL; two processes
-with jax.distributed; bad config values.
+with jax.distributed; bad config values. In this process, on copies of that run: resumes that are
+refused (another model or dataset, corrupt checkpoints) and leave the workdir untouched, a
+finished run's rerun, and a diverged run that saves nothing.
 
 One module-scoped run (A) starts from an empty data_dir, so it also generates the demos and
 builds the dataset; the other runs reuse that data_dir. All runs share a persistent XLA cache
@@ -9,6 +11,8 @@ and compile without backend optimisations, which keeps the module to a few minut
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +30,7 @@ import pytest
 from configs import lift
 from dpjax.data import pipeline, prepare
 from dpjax.data.shape_meta import ShapeMeta
-from dpjax.training import checkpointing, metrics
+from dpjax.training import checkpointing, config_checks, metrics, resume_checks, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Three epochs of two batches, a checkpoint after every step (mid-epoch ones included).
@@ -259,4 +263,131 @@ def test_bad_config_value_stops_launch_with_a_clear_message(tmp_path):
   assert 'task.horizon=4: must be >= n_obs_steps + n_action_steps - 1 = 9' in proc.stderr
   assert ('diffusion.num_inference_steps=50: must be <= diffusion.num_train_timesteps=10'
           in proc.stderr)
+  assert 'Traceback' not in proc.stderr  # The message alone.
   assert not (tmp_path / 'data').exists()  # Nothing was generated for a bad config.
+
+
+def test_an_override_naming_no_config_field_is_one_message(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'launch.py', '--config', 'configs/lift.py:smoke',
+       f'--workdir={tmp_path / "run"}', '--config.training.num_epoch=5'],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == ('error: a --config.* override names no field of the config: '
+                                 '\'num_epoch\' Did you mean "num_epochs" instead of '
+                                 '"num_epoch"?')
+
+
+def _train_in_process(root, workdir, **overrides):
+  """`train_and_evaluate` with RUN_FLAGS' config and `overrides` {'group.field': value}."""
+  config = _smoke_config(root)
+  config.training.num_epochs = 3
+  config.training.checkpoint_every_steps = 1
+  for field, value in overrides.items():
+    group, name = field.split('.')
+    config[group][name] = value
+  return trainer.train_and_evaluate(config, str(workdir))
+
+
+def _workdir_files(workdir) -> dict:
+  """Every file of a workdir with its contents: a refused run must change none."""
+  files = {}
+  for directory, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(directory, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, workdir)] = f.read()
+  return files
+
+
+@pytest.mark.parametrize('overrides, error, message', [
+    ({'training.resume': False, 'optimizer.lr': 0.5}, FileExistsError,
+     r'holds checkpoints \(latest step 6\) but config\.training\.resume=False'),
+    ({'model.n_head': 4}, resume_checks.ResumeError,
+     r'checkpoints/6 was trained with model\.n_head=2, this run has model\.n_head=4; resume '
+     r'with the same values or use a fresh --workdir'),
+    ({'model.compute_dtype': 'bfloat16', 'model.p_drop_attn': 0.1, 'diffusion.sampler': 'ddim'},
+     resume_checks.ResumeError,  # Sampling-only fields may change; the others are listed together.
+     r"trained with model\.compute_dtype='float32', model\.p_drop_attn=0\.3, this run has "
+     r"model\.compute_dtype='bfloat16', model\.p_drop_attn=0\.1;"),
+    ({'training.gradient_accumulate_every': 2}, resume_checks.ResumeError,
+     r'trained with training\.gradient_accumulate_every=1, this run has '
+     r'training\.gradient_accumulate_every=2'),
+    ({'training.num_epochs': 2}, resume_checks.ResumeError,
+     r'checkpoints/6 is past the end of this run: it was saved at epoch 3 \(batch 0\), '
+     r'config\.training\.num_epochs=2'),
+    ({'training.gradient_accumulate_every': 7}, config_checks.ConfigError,
+     r"training\.gradient_accumulate_every=7: more than the run's 6 batches "
+     r'\(training\.num_epochs=3 x 2 per epoch\), so no optimiser step would ever run'),
+])
+def test_refused_resume_leaves_the_workdir_untouched(run_a, tmp_path, overrides, error,
+                                                     message):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_a.workdir, workdir)
+  before = _workdir_files(workdir)
+  with pytest.raises(error, match=message):
+    _train_in_process(run_a.root, workdir, **overrides)
+  assert _workdir_files(workdir) == before  # config.json, metrics and events files included.
+
+
+def test_resume_on_a_changed_dataset_is_refused(run_a, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_a.workdir, workdir)
+  stored = workdir / 'checkpoints' / str(FINAL_STEP) / 'normalizer' / 'metadata'
+  normalizer = json.loads(stored.read_text())
+  normalizer['keys']['action']['offset'][0] += 0.1
+  stored.write_text(json.dumps(normalizer))
+  before = _workdir_files(workdir)
+  with pytest.raises(resume_checks.ResumeError,
+                     match=r"other normaliser statistics than this run's dataset .*'action' "
+                           r'offset .*the dataset changed since these checkpoints were written'):
+    _train_in_process(run_a.root, workdir)
+  assert _workdir_files(workdir) == before
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(run_a, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_a.workdir, workdir)
+  before = _workdir_files(workdir)
+  # Training, evaluation and sampling fields may change on a resume.
+  state = _train_in_process(run_a.root, workdir, **{'optimizer.lr': 1e-3, 'eval.max_steps': 5,
+                                                     'diffusion.num_inference_steps': 2})
+  assert int(state.step) == FINAL_STEP
+  assert _workdir_files(workdir) == before  # summary.json keeps the losses and success rate.
+
+
+@pytest.mark.parametrize('corrupt, cause', [
+    (lambda step_dir: (step_dir / 'progress' / 'metadata').unlink(), 'FileNotFoundError'),
+    (lambda step_dir: shutil.rmtree(step_dir / 'state'), 'FileNotFoundError'),
+    (lambda step_dir: shutil.rmtree(step_dir / 'state' / 'd'), 'ValueError'),
+])
+def test_corrupt_latest_checkpoint_is_named_with_the_step_to_resume_from(run_a, tmp_path,
+                                                                        corrupt, cause):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_a.workdir, workdir)
+  checkpoints = workdir / 'checkpoints'
+  shutil.copytree(checkpoints / str(FINAL_STEP), checkpoints / '4')  # An earlier checkpoint.
+  corrupt(checkpoints / str(FINAL_STEP))
+  before = _workdir_files(workdir)
+  with pytest.raises(resume_checks.ResumeError,
+                     match=rf'{re.escape(str(checkpoints))}/6 cannot be restored \({cause}: '
+                           rf'[^\n]+\); move it out of {re.escape(str(checkpoints))} to '
+                           'resume from step 4$'):
+    _train_in_process(run_a.root, workdir)
+  assert _workdir_files(workdir) == before  # Nothing deleted, nothing written.
+
+
+# The learning rate of 1e39 overflows float32 on purpose (numpy warns as JAX casts it).
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast:RuntimeWarning')
+def test_diverged_parameters_are_not_checkpointed(run_a, tmp_path):
+  workdir = tmp_path / 'run'
+  # The one step's loss is finite; its update, at a float32 learning rate of inf, is not: only
+  # the parameters show the divergence (validation and sampling are off).
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'parameters are not finite after step 1 \(epoch 1\); stopping '
+                           r'without saving\. Last good checkpoint: none'):
+    _train_in_process(run_a.root, workdir, **{
+        'training.num_epochs': 1, 'training.max_train_steps': 1, 'optimizer.lr': 1e39,
+        'optimizer.lr_warmup_steps': 0, 'training.val_every': 0, 'training.sample_every': 0})
+  assert os.listdir(workdir / 'checkpoints') == []
+  assert not (workdir / 'summary.json').exists() and not (workdir / 'policy').exists()

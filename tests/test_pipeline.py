@@ -8,6 +8,7 @@ batch tells exactly which steps (padding included) and which crop it was built f
 
 import json
 import os
+import shutil
 import socket
 
 import h5py
@@ -288,6 +289,16 @@ def test_bad_requests_fail_clearly(dataset, tmp_path):
     pipeline.load_episodes(dataset[2], wrong)
 
 
+def test_a_truncated_record_names_the_dataset_and_the_fix(dataset, tmp_path):
+  copy = tmp_path / 'tfds'
+  shutil.copytree(dataset[2].data_dir, copy)
+  record = max((p for p in copy.iterdir() if '.tfrecord' in p.name), key=os.path.getsize)
+  os.truncate(record, os.path.getsize(record) // 2)
+  with pytest.raises(ValueError, match=rf'TFDS dataset {copy}: a record is corrupt or truncated '
+                     r'\(.+\); delete that folder and the next run rebuilds it'):
+    pipeline.load_episodes(copy, SHAPE_META)
+
+
 def _config(data_dir, image_size, **data):
   config = lift.get_config('smoke')
   config.task.shape_meta.obs = tuple(
@@ -315,6 +326,20 @@ def test_prepare_dataset_is_cached(tmp_path):
   assert {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()} == files
   assert second.normalizer.to_json() == first.normalizer.to_json()
   assert second.summary == first.summary and second.tfds_dir == first.tfds_dir
+
+
+def test_an_unreadable_cached_normaliser_is_fitted_again(tmp_path):
+  config = _config(tmp_path, SIZE, num_demos=len(LENGTHS), val_ratio=0.25, batch_size=4)
+  write_synthetic(prepare.demo_path(config), LENGTHS)
+  first = prepare.prepare_dataset(config, log=lambda line: None)
+  with open(first.normalizer_path, 'r+', encoding='utf-8') as f:
+    f.truncate(40)
+  logs = []
+  second = prepare.prepare_dataset(config, log=logs.append)
+  assert any(line.startswith('Cached normaliser unreadable, fitting it again: '
+                             f'{first.normalizer_path}') for line in logs)
+  assert second.normalizer.to_json() == first.normalizer.to_json()
+  assert Normalizer.load(first.normalizer_path, SHAPE_META).to_json() == first.normalizer.to_json()
 
 
 def test_real_robosuite_demos_round_trip_upright(tmp_path):

@@ -21,7 +21,8 @@ from dpjax.training import checkpointing, optimizer, parallel, train_state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _normalizer(config):
+def smoke_normalizer(config):
+  """A normaliser of the smoke config's low-dimensional keys, fitted on random values."""
   shape_meta = ShapeMeta.from_config(config.task.shape_meta)
   rng = np.random.default_rng(0)
   return Normalizer.fit({'robot0_eef_pos': rng.random((10, 3)),
@@ -46,7 +47,7 @@ def _bump(state):
 
 def test_latest_and_topk_by_success_are_kept_across_restarts(tmp_path):
   config = lift.get_config('smoke')
-  normalizer = _normalizer(config)
+  normalizer = smoke_normalizer(config)
   state = _toy_state()
   directory = tmp_path / 'checkpoints'
   successes = [None, 0.6, None, 0.2, 0.9]  # steps 1..5
@@ -141,14 +142,14 @@ def test_sigkill_during_a_write_leaves_a_loadable_latest(tmp_path):
   # The resumed run writes on; the partial write is gone (orbax clears it before saving).
   config = lift.get_config('smoke')
   checkpointer.save(restored.replace(step=restored.step + 1), progress={'epoch': 0,
-                    'batch_in_epoch': 0}, config=config, normalizer=_normalizer(config))
+                    'batch_in_epoch': 0}, config=config, normalizer=smoke_normalizer(config))
   checkpointer.close()
   assert sorted(os.listdir(directory)) == [str(latest + 1)]
 
 
 def test_exported_policy_and_checkpoints_load_on_their_own(tmp_path):
   config = lift.get_config('smoke')
-  normalizer = _normalizer(config)
+  normalizer = smoke_normalizer(config)
   policy = DiffusionPolicy(config, ShapeMeta.from_config(config.task.shape_meta), normalizer)
   params = policy.init(jax.random.PRNGKey(0))['params']
   ema_params = jax.tree.map(lambda x: x * 0.5, params)

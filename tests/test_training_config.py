@@ -46,7 +46,9 @@ def test_unknown_variant_is_rejected():
     ('diffusion.num_inference_steps', 200,
      r'diffusion\.num_inference_steps=200: must be <= diffusion\.num_train_timesteps=100'),
     ('optimizer.lr_schedule', 'step', r"optimizer\.lr_schedule='step': expected one of"),
-    ('optimizer.lr', 0.0, r'optimizer\.lr=0\.0: expected a number in \(0\.0, inf\]'),
+    ('optimizer.lr', 0.0, r'optimizer\.lr=0\.0: expected a number in \(0\.0, inf\)'),
+    ('optimizer.lr', float('inf'), r'optimizer\.lr=inf: expected a number in \(0\.0, inf\)'),
+    ('optimizer.eps', float('nan'), r'optimizer\.eps=nan: expected a number in \(0\.0, inf\)'),
     ('optimizer.betas', (0.9, 1.5), r'optimizer\.betas=\(0\.9, 1\.5\): expected two numbers'),
     ('ema.max_value', 1.5, r'ema\.max_value=1\.5: expected a number in \[0\.0, 1\.0\]'),
     ('model.n_head', 3, r'model\.n_emb=256: must divide by model\.n_head=3'),
@@ -57,6 +59,13 @@ def test_unknown_variant_is_rejected():
      r'or None'),
     ('training.rollout_every', -1, r'training\.rollout_every=-1: expected an integer >= 0'),
     ('data.num_demos', 1, r'data\.num_demos=1: expected an integer >= 2'),
+    ('data.split_seed', -1, r'data\.split_seed=-1: expected an integer >= 0'),
+    ('data.demo_seed', -3, r'data\.demo_seed=-3: expected an integer >= 0'),
+    ('data.num_gen_workers', -2, r'data\.num_gen_workers=-2: expected an integer >= 0'),
+    ('eval.video_episodes', -1, r'eval\.video_episodes=-1: expected an integer >= 0'),
+    # The default config rolls out every 10 epochs.
+    ('eval.num_episodes', 0, r'eval\.num_episodes=0: rollouts are on \(training\.rollout_every'
+     r'=10\), so at least 1 test episode is needed'),
 ])
 def test_bad_values_are_rejected_with_the_field_named(field, value, message):
   config = lift.get_config()
@@ -64,6 +73,20 @@ def test_bad_values_are_rejected_with_the_field_named(field, value, message):
   config[group][name] = value
   with pytest.raises(ConfigError, match=message):
     check_config(config, num_devices=2, num_processes=1)
+
+
+def test_run_seed_must_be_a_non_negative_integer():
+  config = lift.get_config()
+  config.seed = -1
+  with pytest.raises(ConfigError, match=r'seed=-1: expected an integer >= 0'):
+    check_config(config)
+
+
+def test_no_test_episodes_are_fine_without_rollouts():
+  config = lift.get_config()
+  config.training.rollout_every = 0
+  config.eval.num_episodes = 0
+  check_config(config)
 
 
 def test_all_problems_are_reported_at_once():

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from configs import lift
-from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy
 from dpjax.training import ema, optimizer, parallel, train_state
+# pylint: disable-next=g-bad-import-order
+from test_training_checkpointing import smoke_normalizer
 
 
 def _ema_config(**overrides):
@@ -73,10 +74,7 @@ def test_total_steps_follow_the_reference():
 def _policy_params():
   config = lift.get_config('smoke')
   shape_meta = ShapeMeta.from_config(config.task.shape_meta)
-  rng = np.random.default_rng(0)
-  normalizer = Normalizer.fit({'robot0_eef_pos': rng.random((10, 3)),
-                               'robot0_gripper_qpos': rng.random((10, 2))}, shape_meta)
-  policy = DiffusionPolicy(config, shape_meta, normalizer)
+  policy = DiffusionPolicy(config, shape_meta, smoke_normalizer(config))
   return policy.init(jax.random.PRNGKey(0))['params']
 
 

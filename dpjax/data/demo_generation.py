@@ -19,7 +19,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,9 @@ import h5py
 import numpy as np
 import tqdm
 
+from dpjax.atomic_write import atomic_path
 from dpjax.envs.scripted_expert import LiftExpert
+from dpjax.errors import InputError
 
 # Bumped when the same (seed, count) would give different demos, so stale caches are not reused
 # (2: `actions` became the noise-free labels; 3: the expert holds the gripper top-down;
@@ -226,23 +227,22 @@ def generate_demos(path: str | os.PathLike[str], num_demos: int, seed: int,
     RuntimeError: the expert succeeded too rarely to reach num_demos within max_attempts.
   """
   if num_demos < 1:
-    raise ValueError(f'num_demos must be >= 1, got {num_demos}')
+    raise InputError(f'num_demos must be >= 1, got {num_demos}')
   if image_size < 8:
-    raise ValueError(f'image_size must be >= 8 pixels, got {image_size}')
+    raise InputError(f'image_size must be >= 8 pixels, got {image_size}')
+  if num_workers < 0:
+    raise InputError(f'num_workers must be >= 0 (0: one per CPU core), got {num_workers}')
+  if seed < 0:
+    raise InputError(f'seed must be >= 0 (it seeds numpy), got {seed}')
   path = os.fspath(path)
   num_workers = num_workers or len(os.sched_getaffinity(0))
   max_attempts = max_attempts or 2 * num_demos + 10
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp',
-                                  dir=directory)
-  os.close(fd)
   start = time.monotonic()
   attempts = 0
   names, lengths = [], []
   bar = tqdm.tqdm(total=num_demos, desc='expert demos', unit='demo', disable=not progress)
   try:
-    with h5py.File(tmp_path, 'w') as f, _episodes(
+    with atomic_path(path) as tmp_path, h5py.File(tmp_path, 'w') as f, _episodes(
         image_size, seed, max_episode_steps, num_workers, max_attempts) as (env_args, records):
       data = f.create_group('data')
       for record in records:
@@ -265,11 +265,8 @@ def generate_demos(path: str | os.PathLike[str], num_demos: int, seed: int,
       data.attrs['env_args'] = json.dumps(env_args)
       for key, subset in _split_masks(names, seed).items():
         f.create_dataset(f'mask/{key}', data=np.array(subset, dtype='S'))
-    os.replace(tmp_path, path)
   finally:
     bar.close()
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
   wall_s = time.monotonic() - start
   return {
       'path': path,

@@ -35,6 +35,7 @@ from dpjax.data import windows
 from dpjax.data.normalizer import ACTION_KEY, Normalizer
 from dpjax.data.rlds_dataset import TFDS_SPLIT
 from dpjax.data.shape_meta import ShapeMeta
+from dpjax.errors import InputError
 
 SPLITS = ('train', 'val')
 _NATURAL = re.compile(r'^(.*?)(\d+)$')
@@ -140,13 +141,18 @@ def load_episodes(source: Any, shape_meta: ShapeMeta) -> EpisodeStore:
                           ep['steps'].batch(1 << 30).get_single_element()),
               num_parallel_calls=tf.data.AUTOTUNE)
   # Stay in TF (eager tensors): a numpy round trip would copy the images twice more.
-  episodes = [(name.numpy().decode('utf-8'), steps) for name, steps in ds]
+  try:
+    episodes = [(name.numpy().decode('utf-8'), steps) for name, steps in ds]
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    raise InputError(f'TFDS dataset {builder.data_dir}: a record is corrupt or truncated '
+                     f'({e.message.splitlines()[0]}); delete that folder and the next run '
+                     'rebuilds it from the demos') from e
   if not episodes:
-    raise ValueError(f'TFDS dataset {builder.data_dir} holds no episodes')
+    raise InputError(f'TFDS dataset {builder.data_dir} holds no episodes')
   episodes.sort(key=lambda e: _natural_key(e[0]))
   names = tuple(e[0] for e in episodes)
   if len(set(names)) != len(names):
-    raise ValueError(f'TFDS dataset {builder.data_dir} has duplicate demo names')
+    raise InputError(f'TFDS dataset {builder.data_dir} has duplicate demo names')
   lengths = np.array([int(e[1]['action'].shape[0]) for e in episodes], np.int64)
   offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
   # Concatenate key by key, dropping the per-episode tensors as we go (peak: one key twice).

@@ -141,13 +141,17 @@ def prepare_dataset(config, log: Callable[[str], None] = print) -> PreparedData:
   cached = _read_episodes_json(episodes_path)
   normalizer = None
   if os.path.exists(normalizer_path):
-    normalizer = Normalizer.load(normalizer_path, shape_meta)
+    try:
+      normalizer = Normalizer.load(normalizer_path, shape_meta)
+    except ValueError as e:  # A cache: fitting it again is cheap, and right.
+      log(f'Cached normaliser unreadable, fitting it again: {e}')
   if cached is None or normalizer is None:
     log(f'Reading {builder.data_dir} to fit normaliser statistics on the train split')
     store = pipeline.load_episodes(builder, shape_meta)
-    cached = (store.names, tuple(int(n) for n in store.lengths))
-    write_json_atomic(episodes_path, {'demo_names': list(cached[0]),
-                                       'episode_lengths': list(cached[1])})
+    if cached is None:
+      cached = (store.names, tuple(int(n) for n in store.lengths))
+      write_json_atomic(episodes_path, {'demo_names': list(cached[0]),
+                                         'episode_lengths': list(cached[1])})
     if normalizer is None:
       normalizer = pipeline.fit_normalizer(store, val_ratio=data.val_ratio,
                                            split_seed=data.split_seed)

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from dpjax.data.shape_meta import ShapeMeta
+from dpjax.errors import InputError
 
 # Recorded actions may overshoot the controller's [-1, 1] range by float round-off.
 ACTION_RANGE_TOLERANCE = 1e-3
@@ -26,7 +27,7 @@ ACTION_RANGE_TOLERANCE = 1e-3
 _DEMO_NAME = re.compile(r'^(.*?)(\d+)$')
 
 
-class RobomimicFormatError(ValueError):
+class RobomimicFormatError(InputError):
   """The file is not a readable robomimic dataset, or its contents break the contract."""
 
 

@@ -151,6 +151,8 @@ class DiffusionPolicy:
     if not 1 <= self.n_obs_steps <= self.horizon:
       raise ValueError(f'config.task: n_obs_steps {self.n_obs_steps} must be in [1, horizon '
                        f'{self.horizon}]')
+    if self.n_action_steps < 1:
+      raise ValueError(f'config.task: n_action_steps {self.n_action_steps} must be >= 1')
     if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
       raise ValueError(
           f'config.task: the executed actions [n_obs_steps − 1, n_obs_steps − 1 + '
@@ -182,18 +184,24 @@ class DiffusionPolicy:
     length = self.n_action_steps if self.pred_action_steps_only else self.horizon
     return length, self.network.noise_model.input_dim
 
-  def init(self, rng: jax.Array) -> dict:
-    """Fresh variables `{'params': {'obs_encoder': ..., 'noise_model': ...}}`."""
+  def _init_params(self, rng: jax.Array) -> dict:
     to, (length, dim) = self.n_obs_steps, self.trajectory_shape
     obs = {s.key: jnp.zeros((to,) + s.shape, jnp.float32) for s in self.shape_meta.obs}
     cond = jnp.zeros((1, to, self.obs_feature_dim)) if self.obs_as_cond else None
-    init = jax.jit(lambda key: self.network.init(
-        {'params': key}, obs, jnp.zeros((1, length, dim)), jnp.zeros((1,), jnp.int32),
-        cond)['params'])
+    return self.network.init({'params': rng}, obs, jnp.zeros((1, length, dim)),
+                             jnp.zeros((1,), jnp.int32), cond)['params']
+
+  def init(self, rng: jax.Array) -> dict:
+    """Fresh variables `{'params': {'obs_encoder': ..., 'noise_model': ...}}`."""
     # Runs once: XLA's optimisations would only slow down compiling the ~100 random
     # initialisers (threefry kernels), which dominates the time of `init` on a CPU.
-    compiled = init.lower(rng).compile({'xla_backend_optimization_level': 0})
+    compiled = jax.jit(self._init_params).lower(rng).compile(
+        {'xla_backend_optimization_level': 0})
     return {'params': compiled(rng)}
+
+  def param_shapes(self) -> dict:
+    """`init(...)['params']` as `jax.ShapeDtypeStruct`s, computing nothing."""
+    return jax.eval_shape(self._init_params, jax.random.key(0))
 
   def _encode_obs(self, variables, obs: Mapping[str, jax.Array], train: bool,
                   rng: Optional[jax.Array]) -> jax.Array:

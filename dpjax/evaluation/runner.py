@@ -29,12 +29,18 @@ import tqdm
 from dpjax.atomic_write import write_json_atomic
 from dpjax.data.robomimic import RobomimicFile
 from dpjax.diffusion.policy import DiffusionPolicy
+from dpjax.errors import InputError, UserFacingError
 from dpjax.evaluation import stats
 from dpjax.evaluation.vector_env import (MAX_CONSECUTIVE_CRASHES, LiftEnvFactory, VectorEnv,
                                          WorkerCrash, WrapperSpec, default_num_envs)
-from dpjax.evaluation.video import DEFAULT_VIEW_KEYS, episode_video_name, write_episode_video
+from dpjax.evaluation.video import (DEFAULT_VIEW_KEYS, episode_video_name, prepare_video_dir,
+                                    write_episode_video)
 
-class NonFiniteActionError(ValueError):
+# A test episode resets numpy's global RNG from its seed (the placement of the cube).
+_MAX_SEED = 2**32 - 1
+
+
+class NonFiniteActionError(UserFacingError, ValueError):
   """The policy produced NaN or inf for an active env."""
 
 
@@ -160,7 +166,8 @@ def run_episodes(policy_fn: BatchedPolicy, env_factory: Callable[[], Any],
     num_envs: worker processes, and the policy's fixed batch size.
     n_obs_steps, n_action_steps, max_steps, terminate_on_success: multi-step semantics.
     obs_keys: observation keys the policy gets (None: all the env returns).
-    video_dir: where the episodes with `record` set are written as mp4.
+    video_dir: where the episodes with `record` set are written as mp4 (videos of an earlier
+      evaluation there are removed first).
     view_keys: camera keys put side by side in videos.
     headless_rendering: configure MuJoCo's GL backend in the workers (off for fake envs).
     progress: show a progress bar advancing per finished episode.
@@ -177,6 +184,8 @@ def run_episodes(policy_fn: BatchedPolicy, env_factory: Callable[[], Any],
   spec = WrapperSpec(n_obs_steps, n_action_steps, max_steps, terminate_on_success,
                      None if obs_keys is None else tuple(obs_keys))
   record_keys = tuple(view_keys) if video_dir else ()
+  if video_dir:
+    prepare_video_dir(video_dir)
   reset_slot = getattr(policy_fn, 'reset_slot', None)
   results: list[dict[str, Any] | None] = [None] * len(episodes)
   queue = collections.deque(range(len(episodes)))
@@ -328,16 +337,21 @@ def resolve_settings(config, *, num_episodes=None, num_envs=None, seed_start=Non
   num_train = config.eval.num_train_episodes if num_train_episodes is None else num_train_episodes
   num_envs = config.eval.num_envs if num_envs is None else num_envs
   if num_episodes < 0 or num_train < 0 or num_episodes + num_train == 0:
-    raise ValueError(f'evaluation: need at least one episode (num_episodes={num_episodes}, '
+    raise InputError(f'evaluation: need at least one episode (num_episodes={num_episodes}, '
                      f'num_train_episodes={num_train})')
   if num_envs < 0:
-    raise ValueError(f'evaluation: num_envs must be >= 0 (0: one per core), got {num_envs}')
+    raise InputError(f'evaluation: num_envs must be >= 0 (0: one per core), got {num_envs}')
   num_envs = min(num_envs or default_num_envs(), num_episodes + num_train)
+  seed_start = config.eval.seed_start if seed_start is None else seed_start
+  if not 0 <= seed_start <= _MAX_SEED + 1 - num_episodes:
+    raise InputError(f'evaluation: seed_start={seed_start} is out of range: the {num_episodes} '
+                     f'test episodes use seeds seed_start, seed_start + 1, …, which must lie in '
+                     f'[0, 2**32 − 1]')
   return EvalSettings(
       num_episodes=num_episodes,
       num_train_episodes=num_train,
       num_envs=num_envs,
-      seed_start=config.eval.seed_start if seed_start is None else seed_start,
+      seed_start=seed_start,
       max_steps=config.eval.max_steps,
       terminate_on_success=config.eval.terminate_on_success,
       video_episodes=config.eval.video_episodes if video_episodes is None else video_episodes,
@@ -349,14 +363,14 @@ def train_initial_states(dataset_path: str, count: int) -> list[tuple[str, np.nd
   """(demo name, states[0]) of the first `count` demos (numeric order) of a robomimic file."""
   names = RobomimicFile(dataset_path).demo_names()
   if count > len(names):
-    raise ValueError(f'{dataset_path}: {count} train episodes asked for, the file has '
+    raise InputError(f'{dataset_path}: {count} train episodes asked for, the file has '
                      f'{len(names)} demos')
   states = []
   with h5py.File(dataset_path, 'r') as f:
     for name in names[:count]:
       demo = f['data'][name]
       if 'states' not in demo:
-        raise ValueError(f'{dataset_path}: demo {name!r} has no "states" dataset, needed to '
+        raise InputError(f'{dataset_path}: demo {name!r} has no "states" dataset, needed to '
                          'reset train episodes to its initial state')
       states.append((name, np.asarray(demo['states'][0], dtype=np.float64)))
   return states
@@ -370,7 +384,7 @@ def make_episodes(settings: EvalSettings, dataset_path: str | None,
               for i in range(settings.num_episodes)]
   if settings.num_train_episodes:
     if dataset_path is None:
-      raise ValueError('evaluation: num_train_episodes > 0 needs dataset_path (the robomimic '
+      raise InputError('evaluation: num_train_episodes > 0 needs dataset_path (the robomimic '
                        'hdf5 whose first demos give the initial states)')
     episodes += [EpisodeSpec('train', i, demo=name, init_state=state)
                  for i, (name, state) in enumerate(
@@ -453,9 +467,10 @@ def evaluate_policy(policy, variables, config, *, rng: jax.Array,
   settings = resolve_settings(config, num_episodes=num_episodes, num_envs=num_envs,
                               seed_start=seed_start, num_train_episodes=num_train_episodes,
                               video_episodes=video_episodes)
-  sampler = sampler or policy.sampler
-  num_inference_steps = num_inference_steps or policy.num_inference_steps
-  n_action_steps = n_action_steps or policy.n_action_steps
+  sampler = policy.sampler if sampler is None else sampler
+  num_inference_steps = (policy.num_inference_steps if num_inference_steps is None
+                         else num_inference_steps)
+  n_action_steps = policy.n_action_steps if n_action_steps is None else n_action_steps
   policy_fn = DiffusionPolicyFn(
       with_sampling(policy, config, sampler, num_inference_steps, n_action_steps), variables)
   return evaluate(policy_fn, config, rng=rng, n_obs_steps=policy_fn.n_obs_steps,
@@ -478,7 +493,7 @@ def evaluate_expert(config, *, seed: int = 0, num_episodes: int | None = None,
   without rendering (much faster; no videos then).
   """
   if video_dir and not use_cameras:
-    raise ValueError('evaluate_expert: videos need the cameras; pass use_cameras=True or no '
+    raise InputError('evaluate_expert: videos need the cameras; pass use_cameras=True or no '
                      'video_dir')
   settings = resolve_settings(config, num_episodes=num_episodes, num_envs=num_envs,
                               seed_start=seed_start, num_train_episodes=num_train_episodes,

@@ -1,11 +1,14 @@
 """Writes an episode's camera frames as an mp4: the views side by side, h264 / yuv420p."""
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 
 import imageio.v2 as imageio
 import numpy as np
+
+from dpjax.errors import InputError
 
 DEFAULT_VIEW_KEYS = ('agentview_image', 'robot0_eye_in_hand_image')
 
@@ -41,6 +44,24 @@ def side_by_side(frame: dict[str, np.ndarray], view_keys: Sequence[str], scale: 
 def episode_video_name(kind: str, seed: int, success: bool) -> str:
   """e.g. 'test_100003_success.mp4'."""
   return f'{kind}_{seed}_{"success" if success else "failure"}.mp4'
+
+
+_EPISODE_VIDEO = re.compile(r'^(test|train)_\d+_(success|failure)\.mp4$')
+
+
+def prepare_video_dir(video_dir: str | os.PathLike[str]) -> None:
+  """Creates `video_dir` (before any episode runs, so a bad path fails early) and removes the
+  episode videos an earlier evaluation left there: a rerun whose episode now fails would
+  otherwise sit beside the old run's video of its success."""
+  video_dir = os.fspath(video_dir)
+  try:
+    os.makedirs(video_dir, exist_ok=True)
+  except OSError as e:
+    raise InputError(f'video folder {video_dir!r}: cannot be created ({e.strerror}: '
+                     f'{e.filename})') from e
+  for name in os.listdir(video_dir):
+    if _EPISODE_VIDEO.match(name):
+      os.remove(os.path.join(video_dir, name))
 
 
 def write_episode_video(path: str | os.PathLike[str], frames: Sequence[dict[str, np.ndarray]],

@@ -28,6 +28,8 @@ from dpjax.atomic_write import write_json_atomic
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy
+from dpjax.errors import InputError, root_cause
+from dpjax.training import config_checks
 
 PyTree = Any
 SUCCESS_METRIC = 'success_rate'
@@ -52,6 +54,30 @@ def _normalizer_to_dict(normalizer: Normalizer) -> dict:
 
 def _normalizer_from_dict(data: dict, shape_meta: ShapeMeta, source: str) -> Normalizer:
   return Normalizer.from_json(json.dumps(data), shape_meta, source=source)
+
+
+def _dotted_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  # Dict keys, sequence indices and dataclass fields all become dotted names, as orbax's
+  # metadata names them.
+  def part(key) -> str:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {'.'.join(part(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_differences(saved: PyTree, expected: PyTree, *, here: str) -> list[str]:
+  """How a checkpoint's arrays (orbax metadata tree) differ from `expected`'s in names and
+  shapes, each as 'opt_state.0.mu.noise_model.kernel: ...'; `here` names what `expected` is.
+  Empty when restoring onto `expected` fits."""
+  saved, expected = _dotted_shapes(saved), _dotted_shapes(expected)
+  problems = [f'{name}: only in the checkpoint' for name in saved if name not in expected]
+  problems += [f'{name}: only in {here}' for name in expected if name not in saved]
+  problems += [f'{name}: shape {saved[name]} in the checkpoint, {shape} in {here}'
+               for name, shape in expected.items() if name in saved and saved[name] != shape]
+  return problems
 
 
 class Checkpointer:
@@ -129,6 +155,36 @@ class Checkpointer:
         ))
     return restored.state, dict(restored.progress)
 
+  def read_metadata(self, step: int) -> tuple[dict, dict, dict]:
+    """The (config, normalizer, progress) JSON items stored with `step`, without its arrays.
+
+    A resumed run compares them with its own before restoring the (much larger) state.
+    """
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(),
+            normalizer=ocp.args.JsonRestore(),
+            progress=ocp.args.JsonRestore(),
+        ))
+    return dict(restored.config), dict(restored.normalizer), dict(restored.progress)
+
+  def state_mismatches(self, abstract_state, step: int) -> list[str]:
+    """How `step`'s saved train state differs from `abstract_state` in arrays and shapes.
+
+    Read from orbax's metadata (no arrays are loaded); each entry names a dotted path such as
+    'opt_state.0.mu.noise_model.kernel'. Empty when `restore` onto `abstract_state` fits.
+    """
+    state_dir = self.step_dir(step) / 'state'
+    if not state_dir.is_dir():
+      raise FileNotFoundError(f'{state_dir} does not exist')
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(state_dir).item_metadata
+    if metadata is None:  # orbax logs why and returns nothing.
+      raise ValueError(f'orbax cannot read the array metadata of {state_dir} (files missing '
+                       'or corrupt)')
+    return shape_differences(metadata.tree, abstract_state, here='this run')
+
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
@@ -165,6 +221,44 @@ def export_policy(directory: str | os.PathLike, *, ema_params: PyTree,
   return directory
 
 
+class PolicyLoadError(InputError):
+  """A policy export or checkpoint that cannot be loaded: a file missing, corrupt or truncated,
+  or parameters that do not match the saved config."""
+
+
+def is_policy_export(path: str | os.PathLike) -> bool:
+  """Whether `path` looks like an `export_policy` folder."""
+  path = epath.Path(path)
+  return (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def _read_json(path: epath.Path) -> dict:
+  try:
+    data = json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise PolicyLoadError(f'{path}: missing; a policy export holds {PARAMS_DIR}/, '
+                          f'{CONFIG_FILE} and {NORMALIZER_FILE}') from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise PolicyLoadError(f'{path}: not valid JSON ({e}); the file is corrupt or '
+                          'truncated') from e
+  if not isinstance(data, dict):
+    raise PolicyLoadError(f'{path}: expected a JSON object, found {type(data).__name__}')
+  return data
+
+
+def _make_policy(config_data: dict, normalizer_data: dict, config_source: str,
+                 normalizer_source: str):
+  config = config_from_dict(config_data)
+  try:
+    config_checks.check_config(config)
+  except config_checks.ConfigError as e:
+    raise PolicyLoadError(f'{config_source}: not a valid dpjax config:\n  '
+                          + '\n  '.join(e.problems)) from e
+  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+  normalizer = _normalizer_from_dict(normalizer_data, shape_meta, normalizer_source)
+  return config, DiffusionPolicy(config, shape_meta, normalizer)
+
+
 def _restore_target(metadata_tree: PyTree) -> PyTree:
   """Saved shapes and dtypes (orbax metadata), to restore onto the first local device."""
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -172,11 +266,16 @@ def _restore_target(metadata_tree: PyTree) -> PyTree:
                       metadata_tree)
 
 
-def _make_policy(config_data: dict, normalizer_data: dict, source: str):
-  config = config_from_dict(config_data)
-  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
-  normalizer = _normalizer_from_dict(normalizer_data, shape_meta, source)
-  return config, DiffusionPolicy(config, shape_meta, normalizer)
+def _check_param_shapes(saved: PyTree, policy: DiffusionPolicy, source: str) -> None:
+  """The saved parameters must be the ones the saved config builds (else sampling would fail
+  deep inside the network, naming neither)."""
+  problems = shape_differences(saved, policy.param_shapes(),
+                              here='the network the saved config builds')
+  if problems:
+    shown = '; '.join(problems[:3]) + (f'; … ({len(problems)} in all)'
+                                       if len(problems) > 3 else '')
+    raise PolicyLoadError(f'{source}: the saved parameters do not match the saved config '
+                          f'({shown})')
 
 
 def _resolve_checkpoint(path: epath.Path) -> tuple[epath.Path, int | None]:
@@ -188,22 +287,32 @@ def _resolve_checkpoint(path: epath.Path) -> tuple[epath.Path, int | None]:
   return path, None
 
 
-def load_policy(path: str | os.PathLike):
-  """Loads `(config, policy, variables)` from an export, a workdir, a checkpoints dir or a step.
+def _load_export(path: epath.Path):
+  config, policy = _make_policy(_read_json(path / CONFIG_FILE),
+                                _read_json(path / NORMALIZER_FILE), str(path / CONFIG_FILE),
+                                str(path / NORMALIZER_FILE))
+  params_dir = path / PARAMS_DIR
 
-  `variables` = {'params': EMA params} on the first local device, ready for
-  `policy.predict_action`. A workdir or checkpoints dir means its latest checkpoint.
-  """
-  path = epath.Path(path).absolute()
-  if (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file():
-    config, policy = _make_policy(json.loads((path / CONFIG_FILE).read_text()),
-                                  json.loads((path / NORMALIZER_FILE).read_text()),
-                                  str(path / NORMALIZER_FILE))
+  def damaged(reason: str) -> PolicyLoadError:
+    return PolicyLoadError(f'{params_dir}: the parameters cannot be read ({reason}); the export '
+                           'is damaged: export it again from its run\'s checkpoints')
+
+  try:
     with ocp.StandardCheckpointer() as checkpointer:
-      target = _restore_target(checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree)
-      variables = checkpointer.restore(path / PARAMS_DIR, target)
-    return config, policy, dict(variables)
+      metadata = checkpointer.metadata(params_dir).item_metadata
+      if metadata is None:
+        raise damaged('orbax finds no metadata')
+      saved = metadata.tree
+      _check_param_shapes(saved['params'], policy, str(params_dir))
+      variables = checkpointer.restore(params_dir, _restore_target(saved))
+  except PolicyLoadError:
+    raise
+  except Exception as e:  # orbax and TensorStore raise many kinds for a damaged folder.
+    raise damaged(root_cause(e)) from e
+  return config, policy, dict(variables)
 
+
+def _load_checkpoint(path: epath.Path):
   manager_dir, step = _resolve_checkpoint(path)
   if not manager_dir.is_dir():
     raise FileNotFoundError(f'{path}: no such policy export, workdir or checkpoint directory')
@@ -215,14 +324,39 @@ def load_policy(path: str | os.PathLike):
       raise FileNotFoundError(
           f'{path}: expected a policy export ({PARAMS_DIR}/ + {CONFIG_FILE}) or orbax '
           'checkpoints; found neither')
-    meta = manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), normalizer=ocp.args.JsonRestore()))
-    config, policy = _make_policy(dict(meta.config), dict(meta.normalizer),
-                                  f'{manager_dir / str(step)} (normalizer)')
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      saved = checkpointer.metadata(manager_dir / str(step) / 'state').item_metadata.tree
-    target = {'ema_params': _restore_target(saved['ema_params'])}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+    step_dir = manager_dir / str(step)
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore(), normalizer=ocp.args.JsonRestore()))
+      config, policy = _make_policy(dict(meta.config), dict(meta.normalizer),
+                                    f'{step_dir} (config)', f'{step_dir} (normalizer)')
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(step_dir / 'state').item_metadata.tree
+      _check_param_shapes(saved['ema_params'], policy, f'{step_dir} (ema_params)')
+      target = {'ema_params': _restore_target(saved['ema_params'])}
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+    except PolicyLoadError:
+      raise
+    except Exception as e:  # orbax and TensorStore raise many kinds for a damaged step.
+      raise PolicyLoadError(f'{step_dir}: the checkpoint cannot be read ({root_cause(e)}); '
+                            'evaluate another step of the run') from e
   return config, policy, {'params': restored.state['ema_params']}
+
+
+def load_policy(path: str | os.PathLike):
+  """Loads `(config, policy, variables)` from an export, a workdir, a checkpoints dir or a step.
+
+  `variables` = {'params': EMA params} on the first local device, ready for
+  `policy.predict_action`. A workdir or checkpoints dir means its latest checkpoint.
+
+  Raises:
+    FileNotFoundError: `path` is none of these.
+    PolicyLoadError: a file of it is missing, corrupt or truncated, or its parameters do not
+      match its config; the message names the file.
+  """
+  path = epath.Path(path).absolute()
+  if is_policy_export(path):
+    return _load_export(path)
+  return _load_checkpoint(path)

@@ -4,6 +4,7 @@ Each problem names the config field, its value and what was expected, e.g.
   task.horizon=8: must be >= n_obs_steps + n_action_steps - 1 = 9
 """
 
+import math
 import numbers
 
 import ml_collections
@@ -12,13 +13,19 @@ from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.ddpm import PREDICTION_TYPES, VARIANCE_TYPES
 from dpjax.diffusion.sampling import SAMPLERS
 from dpjax.diffusion.schedules import BETA_SCHEDULES
+from dpjax.errors import InputError
 from dpjax.training.optimizer import LR_SCHEDULES
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
-class ConfigError(ValueError):
-  """A config value is out of range or inconsistent with another."""
+class ConfigError(InputError):
+  """A config value is out of range or inconsistent with another; `problems` lists each as
+  'field=value: what was expected'."""
+
+  def __init__(self, message: str, problems: tuple[str, ...] = ()):
+    super().__init__(message)
+    self.problems = problems
 
 
 def _is_int(value) -> bool:
@@ -71,6 +78,9 @@ class _Checker:
 
   def number_in(self, field: str, low: float, high: float, *, low_open: bool = False,
                 high_open: bool = False) -> bool:
+    """An infinite bound is always open: every field is a finite number."""
+    low_open = low_open or math.isinf(low)
+    high_open = high_open or math.isinf(high)
     if not self.present(field):
       return False
     value = self.get(field)
@@ -104,6 +114,10 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
   c = _Checker(config)
   inf = float('inf')
 
+  # Seeds feed numpy's SeedSequence, which takes non-negative integers only.
+  for field in ('seed', 'data.split_seed', 'data.demo_seed', 'eval.seed_start'):
+    c.int_at_least(field, 0)
+
   # Task and windows (SPEC §2): the window must hold the observed and the executed steps.
   ok = all([c.int_at_least('task.horizon', 1), c.int_at_least('task.n_obs_steps', 1),
             c.int_at_least('task.n_action_steps', 1)])
@@ -128,6 +142,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
         c.fail('data.batch_size', f'the global batch must divide by the {count} {what} of '
                f'this run; use a multiple of {count}')
   c.int_at_least('data.num_demos', 2)
+  c.int_at_least('data.num_gen_workers', 0)
   c.int_at_least('data.image_size', 1)
   c.number_in('data.val_ratio', 0.0, 1.0, high_open=True)
   c.int_at_least('data.shuffle_buffer', 1)
@@ -220,10 +235,16 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
   c.number_in('training.progress_refresh_s', 0.0, inf)
 
   # Evaluation.
-  c.int_at_least('eval.num_episodes', 0)
+  if c.int_at_least('eval.num_episodes', 0) and _is_int(config.training.get('rollout_every')):
+    if config.training.rollout_every > 0 and config.eval.num_episodes < 1:
+      c.fail('eval.num_episodes', 'rollouts are on (training.rollout_every='
+             f'{config.training.rollout_every}), so at least 1 test episode is needed; set '
+             'training.rollout_every=0 to train without rollouts')
+  c.int_at_least('eval.num_train_episodes', 0)
   c.int_at_least('eval.num_envs', 0)
   c.int_at_least('eval.max_steps', 1)
+  c.int_at_least('eval.video_episodes', 0)
 
   if c.problems:
     raise ConfigError('invalid config (configs/lift.py and --config.* overrides):\n  '
-                      + '\n  '.join(c.problems))
+                      + '\n  '.join(c.problems), tuple(c.problems))

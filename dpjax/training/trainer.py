@@ -7,6 +7,14 @@ fires after epochs e with (e + 1) % every == 0, and the last epoch always checkp
 out when rollouts are on), so the final checkpoint is ranked. Validation loss uses the raw
 parameters; action MSE, rollouts and the exported policy use the EMA parameters.
 
+Resuming (config.training.resume, the default) continues from the workdir's latest checkpoint
+only if it was trained with this run's model, data and diffusion training fields on the same
+normaliser statistics (`resume_checks`); training.*, eval.*, optimizer.*, ema.*, seed and
+the speed- or sampling-only fields may change. Nothing is written to the workdir (config.json,
+metrics, TensorBoard) until the run is known to go ahead, so a refused run leaves it as it was.
+Rerunning a finished run trains nothing and keeps its summary.json. A diverged run (non-finite
+loss, validation loss, action MSE or parameters) stops without saving.
+
 Workdir after a run:
   config.json             the resolved config
   summary.json            final step, losses, success rate, checkpoint and policy paths
@@ -20,6 +28,7 @@ Workdir after a run:
 
 import functools
 import itertools
+import json
 import math
 import os
 import time
@@ -37,10 +46,11 @@ from dpjax.atomic_write import write_json_atomic
 from dpjax.data import pipeline, prepare
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy
+from dpjax.errors import UserFacingError, root_cause
 from dpjax.evaluation import runner as eval_runner
 from dpjax.training import checkpointing, config_checks, curves as curves_lib
 from dpjax.training import metrics as metrics_lib
-from dpjax.training import optimizer as optimizer_lib, parallel
+from dpjax.training import optimizer as optimizer_lib, parallel, resume_checks
 from dpjax.training.train_state import TrainState, create_train_state
 
 CONFIG_FILE = 'config.json'
@@ -48,8 +58,13 @@ SUMMARY_FILE = 'summary.json'
 POLICY_DIR = 'policy'
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+class NonFiniteLossError(UserFacingError, FloatingPointError):
+  """Training diverged: a loss, the action MSE or the parameters became NaN or infinite."""
+
+
+@jax.jit
+def _all_finite(trees) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -162,10 +177,6 @@ class _Loop:
     self.mesh = parallel.make_mesh()
     config_checks.check_config(config, num_devices=self.mesh.devices.size,
                                num_processes=jax.process_count())
-    if self.is_chief:
-      os.makedirs(self.workdir, exist_ok=True)
-      write_json_atomic(os.path.join(self.workdir, CONFIG_FILE),
-                         checkpointing.config_to_dict(config))
 
     self.prepared = _prepare_data(config)
     self.normalizer = self.prepared.normalizer
@@ -187,6 +198,13 @@ class _Loop:
       self.val_batches = min(self.val_batches, config.training.max_val_steps)
     self.batches_per_epoch = min(steps, training.max_train_steps or steps)
     self.accumulate = int(training.gradient_accumulate_every)
+    micro_batches = self.batches_per_epoch * training.num_epochs
+    if self.accumulate > micro_batches:
+      raise config_checks.ConfigError(
+          f'training.gradient_accumulate_every={self.accumulate}: more than the run\'s '
+          f'{micro_batches} batches (training.num_epochs={training.num_epochs} x '
+          f'{self.batches_per_epoch} per epoch), so no optimiser step would ever run; use at '
+          f'most {micro_batches}')
     self.total_optimizer_steps = optimizer_lib.total_optimizer_steps(
         self.batches_per_epoch, training.num_epochs, self.accumulate)
     self.lr_schedule = optimizer_lib.make_lr_schedule(config.optimizer,
@@ -196,15 +214,12 @@ class _Loop:
 
     base_key = jax.random.PRNGKey(config.seed)
     self.init_key, self.eval_key = jax.random.split(base_key)
-    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_chief)
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(self.workdir, checkpointing.CHECKPOINTS_DIR),
         topk=training.checkpoint_topk)
-    self.step_log = StepLog(
-        writer=self.writer, lr_schedule=self.lr_schedule, accumulate=self.accumulate,
-        log_every=training.log_every_steps, global_batch_size=config.data.batch_size,
-        last_checkpoint=self.last_checkpoint_text, show_progress=self.is_chief,
-        refresh_s=training.progress_refresh_s)
+    # Opened by `open_outputs` once the run goes ahead.
+    self.writer: metrics_lib.MetricWriter | None = None
+    self.step_log: StepLog | None = None
     self.summary: dict[str, Any] = {'workdir': self.workdir, 'train_loss': None,
                                     'val_loss': None, 'action_mse': None, 'success_rate': None}
 
@@ -230,23 +245,80 @@ class _Loop:
   # --- state ---------------------------------------------------------------------------------
 
   def initial_state(self) -> tuple[TrainState, int, int]:
-    """Fresh state, or the latest checkpoint's when resuming; also (epoch, batch_in_epoch)."""
+    """Fresh state, or the latest checkpoint's when resuming; also (epoch, batch_in_epoch).
+
+    Raises:
+      FileExistsError: checkpoints exist but config.training.resume is False.
+      ResumeError: the latest checkpoint does not fit this run or cannot be read
+        (`check_resumable`, `restore`).
+    """
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      if not self.config.training.resume:
+        raise FileExistsError(
+            f'{self.checkpointer.directory} holds checkpoints (latest step {latest}) but '
+            'config.training.resume=False: use a fresh --workdir, or resume')
+      self.check_resumable(latest)
     init_key, train_key = jax.random.split(self.init_key)
     params = parallel.replicate(jax.device_get(self.policy.init(init_key)['params']), self.mesh)
     state = jax.jit(functools.partial(create_train_state, tx=self.tx),
                     out_shardings=parallel.replicated(self.mesh))(params, rng=train_key)
-    latest = self.checkpointer.latest_step()
     if latest is None:
       return state, 0, 0
-    if not self.config.training.resume:
-      raise FileExistsError(
-          f'{self.checkpointer.directory} holds checkpoints (latest step {latest}) but '
-          'config.training.resume=False: use a fresh --workdir, or resume')
-    state, progress = self.checkpointer.restore(state)
+    state, progress = self.restore(state, latest)
     logging.info('Resumed from %s (epoch %d, batch %d of the epoch)',
                  self.checkpointer.step_dir(latest), progress['epoch'],
                  progress['batch_in_epoch'])
     return state, int(progress['epoch']), int(progress['batch_in_epoch'])
+
+  def check_resumable(self, step: int) -> None:
+    """Refuses, before the state is restored, a checkpoint of another model or dataset.
+
+    Compares the stored config and normaliser with this run's, and the stored epoch with
+    config.training.num_epochs (`resume_checks.check`).
+    """
+    step_dir = self.checkpointer.step_dir(step)
+    saved_config, saved_normalizer, progress = self._read_checkpoint(
+        step, self.checkpointer.read_metadata, step)
+    resume_checks.check(step_dir, saved_config, saved_normalizer, progress, self.config,
+                        json.loads(self.normalizer.to_json()))
+
+  def restore(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+    """`step`'s state and progress, restored onto `state`'s shapes and shardings."""
+    mismatches = self._read_checkpoint(step, self.checkpointer.state_mismatches, state, step)
+    if mismatches:
+      raise resume_checks.ResumeError(
+          f'{self.checkpointer.step_dir(step)} holds a train state of another layout than this '
+          f'run\'s ({len(mismatches)} differences, e.g. {"; ".join(mismatches[:3])}); resume '
+          'with the code and config it was trained with or use a fresh --workdir')
+    return self._read_checkpoint(step, self.checkpointer.restore, state, step)
+
+  def _read_checkpoint(self, step: int, read, *args):
+    """`read(*args)`; a failure (files of `step` missing or corrupt) becomes one ResumeError."""
+    try:
+      return read(*args)
+    # orbax and tensorstore raise many types (OSError, ValueError, KeyError, their own).
+    except Exception as e:  # pylint: disable=broad-except
+      logging.debug('Reading checkpoint %d failed', step, exc_info=True)
+      earlier = [s for s in self.checkpointer.all_steps() if s < step]
+      then = f'resume from step {max(earlier)}' if earlier else 'start afresh'
+      raise resume_checks.ResumeError(
+          f'{self.checkpointer.step_dir(step)} cannot be restored ({root_cause(e)}); move it '
+          f'out of {self.checkpointer.directory} to {then}') from None
+
+  def open_outputs(self) -> None:
+    """Writes config.json and opens the metric files: the run goes ahead."""
+    training = self.config.training
+    if self.is_chief:
+      os.makedirs(self.workdir, exist_ok=True)
+      write_json_atomic(os.path.join(self.workdir, CONFIG_FILE),
+                        checkpointing.config_to_dict(self.config))
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_chief)
+    self.step_log = StepLog(
+        writer=self.writer, lr_schedule=self.lr_schedule, accumulate=self.accumulate,
+        log_every=training.log_every_steps, global_batch_size=self.config.data.batch_size,
+        last_checkpoint=self.last_checkpoint_text, show_progress=self.is_chief,
+        refresh_s=training.progress_refresh_s)
 
   def last_checkpoint_text(self) -> str:
     step = self.checkpointer.latest_step()
@@ -314,6 +386,21 @@ class _Loop:
 
   # --- the loop --------------------------------------------------------------------------------
 
+  def check_finite(self, state: TrainState, epoch: int) -> None:
+    """Stops before a diverged state is saved or exported: the loss is read before each
+    update, so the last update's damage shows only in the parameters."""
+    if not bool(_all_finite((state.params, state.ema_params))):
+      raise NonFiniteLossError(
+          f'the parameters are not finite after step {int(jax.device_get(state.step))} (epoch '
+          f'{epoch + 1}); stopping without saving. Last good checkpoint: '
+          f'{self.last_checkpoint_text()}')
+
+  def check_metric(self, name: str, value: float, step: int, epoch: int) -> None:
+    if not math.isfinite(value):
+      raise NonFiniteLossError(
+          f'{name} is {value} after step {step} (epoch {epoch + 1}); stopping without saving. '
+          f'Last good checkpoint: {self.last_checkpoint_text()}')
+
   def save(self, state: TrainState, epoch: int, batch_in_epoch: int,
            success_rate: float | None = None) -> None:
     self.checkpointer.save(state, progress={'epoch': epoch, 'batch_in_epoch': batch_in_epoch},
@@ -335,6 +422,7 @@ class _Loop:
       every = training.checkpoint_every_steps
       if every and step % every == 0 and batch_index < self.batches_per_epoch:
         self.step_log.flush()
+        self.check_finite(state, epoch)
         self.save(state, epoch, batch_index)
     train_loss = self.step_log.end_epoch()
     if batch_index < self.batches_per_epoch:
@@ -349,10 +437,12 @@ class _Loop:
     if is_due(epoch, training.val_every, num_epochs, at_end=False):
       val_loss = self.validate(state, epoch)
       if val_loss is not None:
+        self.check_metric('validation loss', val_loss, step, epoch)
         self.summary['val_loss'] = scalars['epoch/val_loss'] = val_loss
     if last_batch is not None and is_due(epoch, training.sample_every, num_epochs,
                                           at_end=False):
       mse = self.sample_mse(state, last_batch, epoch)
+      self.check_metric('action MSE', mse, step, epoch)
       self.summary['action_mse'] = scalars['epoch/train_action_mse'] = mse
     success = None
     if is_due(epoch, training.rollout_every, num_epochs, at_end=True):
@@ -361,14 +451,25 @@ class _Loop:
       self.summary['success_rate'] = success
     self.writer.write(step, scalars)
     if is_due(epoch, training.checkpoint_every, num_epochs, at_end=True):
+      self.check_finite(state, epoch)
       self.save(state, epoch + 1, 0, success_rate=success)
     logging.info('epoch %d/%d: %s', epoch + 1, num_epochs,
                  {k: round(v, 5) for k, v in scalars.items()})
     return state
 
+  def summary_is_current(self, state: TrainState) -> bool:
+    """Whether summary.json exists and describes `state`'s step (a finished run's rerun)."""
+    try:
+      with open(os.path.join(self.workdir, SUMMARY_FILE), encoding='utf-8') as f:
+        summary = json.load(f)
+    except (OSError, ValueError):  # Absent or unreadable: the run finishes and writes it anew.
+      return False
+    return isinstance(summary, dict) and summary.get('step') == int(jax.device_get(state.step))
+
   def finish(self, state: TrainState) -> None:
     """Waits for checkpoint writes, exports the EMA policy, writes summary.json."""
     self.checkpointer.wait_until_finished()
+    self.check_finite(state, self.config.training.num_epochs - 1)
     policy_dir = checkpointing.export_policy(
         os.path.join(self.workdir, POLICY_DIR), ema_params=state.ema_params,
         config=self.config, normalizer=self.normalizer)
@@ -384,7 +485,8 @@ class _Loop:
   def close(self) -> None:
     self.checkpointer.wait_until_finished()
     self.checkpointer.close()
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -392,7 +494,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Every process of a multi-host run calls this with the same arguments. Writes
   `<workdir>/summary.json`: {'workdir', 'step', 'epoch', 'train_loss', 'val_loss',
-  'action_mse', 'success_rate', 'checkpoint', 'policy_dir'} (None where not measured).
+  'action_mse', 'success_rate', 'checkpoint', 'policy_dir'} (None where not measured). A run
+  whose latest checkpoint already ends its last epoch, and whose summary.json is of that step,
+  trains nothing and writes nothing.
 
   Returns:
     The final train state (replicated over all devices).
@@ -400,6 +504,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   loop = _Loop(config, workdir)
   try:
     state, start_epoch, start_batch = loop.initial_state()
+    if start_epoch == config.training.num_epochs and loop.summary_is_current(state):
+      logging.info('%s already completed its %d epochs (step %d): nothing to train; %s kept',
+                   loop.workdir, start_epoch, int(jax.device_get(state.step)), SUMMARY_FILE)
+      return state
+    loop.open_outputs()
     logging.info('Training %s: %d epochs x %d batches of %d (%d per process) on %d devices, '
                  '%d optimizer steps; workdir %s', config.name, config.training.num_epochs,
                  loop.batches_per_epoch, config.data.batch_size, loop.local_batch_size,

@@ -125,6 +125,14 @@ def test_too_rare_success_raises_and_leaves_existing_file_alone(tmp_path):
   assert os.listdir(tmp_path) == ['demos.hdf5']
 
 
+def test_an_output_path_that_is_a_folder_fails_before_any_episode(tmp_path, monkeypatch):
+  monkeypatch.setattr(demo_generation, '_episodes', None)  # Reaching it would be a TypeError.
+  with pytest.raises(IsADirectoryError, match=rf'{tmp_path}: is a folder'):
+    demo_generation.generate_demos(tmp_path, num_demos=1, seed=0, num_workers=1,
+                                   image_size=IMAGE_SIZE, progress=False)
+  assert os.listdir(tmp_path) == []
+
+
 def test_split_masks_hold_out_about_a_tenth():
   names = [f'demo_{i}' for i in range(20)]
   masks = demo_generation._split_masks(names, seed=0)  # pylint: disable=protected-access

@@ -1,0 +1,43 @@
+"""Commands print a user-facing error as one message; anything else keeps its traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dpjax.errors import InputError, report_user_errors
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raising(error):
+  def main():
+    raise error
+  return report_user_errors(main)
+
+
+@pytest.mark.parametrize('error', [InputError('config.seed=-1: must be >= 0'),
+                                   FileNotFoundError('runs/x: no such policy export')])
+def test_user_errors_become_one_message_and_status_1(error, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _raising(error)()
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == f'error: {error}\n'
+
+
+def test_other_errors_keep_their_traceback():
+  with pytest.raises(ZeroDivisionError):
+    _raising(ZeroDivisionError('a bug'))()
+
+
+def test_a_script_reports_bad_input_without_a_traceback(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  run = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'eval.py'), '--policy', 'expert',
+       '--no_cameras', '--output_dir', str(tmp_path / 'a_file' / 'eval')],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 1
+  assert 'Traceback' not in run.stderr
+  assert run.stderr.strip().splitlines()[-1].startswith(
+      f'error: output folder {tmp_path}/a_file/eval: cannot be created')

@@ -1,0 +1,45 @@
+"""scripts/eval.py's command line: where results go by default, and flags refused up front."""
+
+import importlib.util
+import os
+
+import pytest
+
+from dpjax.errors import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def eval_script():
+  spec = importlib.util.spec_from_file_location('eval_script',
+                                                os.path.join(REPO, 'scripts', 'eval.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_results_go_beside_what_training_replaces_or_prunes(eval_script, tmp_path):
+  run = tmp_path / 'run'
+  (run / 'policy' / 'params').mkdir(parents=True)
+  (run / 'policy' / 'config.json').write_text('{}')
+  (run / 'checkpoints' / '400').mkdir(parents=True)
+  expected = {run: run / 'eval', run / 'checkpoints': run / 'eval',
+              run / 'checkpoints' / '400': run / 'eval_step_400',
+              run / 'policy': run / 'eval_policy'}
+  for source, output_dir in expected.items():
+    assert eval_script.default_output_dir(str(source)) == str(output_dir), source
+
+
+@pytest.mark.parametrize('flag', ['--n_action_steps', '--num_inference_steps'])
+def test_zero_counts_are_refused_not_replaced_by_the_checkpoints(eval_script, flag, capsys):
+  with pytest.raises(SystemExit):
+    eval_script.parse_args(['--workdir', 'runs/x', flag, '0'])
+  assert f'{flag}: must be >= 1, got 0' in capsys.readouterr().err
+
+
+def test_an_unwritable_output_folder_stops_before_any_episode(eval_script, tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(InputError, match=r'output folder .*a_file/eval: cannot be created'):
+    eval_script.main(['--policy', 'expert', '--no_cameras', '--num_episodes', '1',
+                      '--output_dir', str(tmp_path / 'a_file' / 'eval')])
