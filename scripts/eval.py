@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                 dataset_path=args.dataset_path, video_episodes=args.video_episodes,
                 progress=not args.no_progress)
   if args.policy == 'expert':
-    output_dir = args.output_dir or os.path.join('runs', 'eval_expert')
+    output_dir = os.path.abspath(args.output_dir or os.path.join('runs', 'eval_expert'))
     _make_output_dir(output_dir)
     config = lift.get_config(args.config_variant)
     step = None
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         video_dir=None if args.no_cameras else os.path.join(output_dir, 'videos'), **common)
   else:
     source = args.workdir or args.checkpoint
-    output_dir = args.output_dir or default_output_dir(source)
+    output_dir = os.path.abspath(args.output_dir or default_output_dir(source))
     config, policy, variables = checkpointing.load_policy(source)
     _make_output_dir(output_dir)
     step = checkpoint_step(source)

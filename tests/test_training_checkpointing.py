@@ -1,7 +1,10 @@
 """Orbax checkpoints: retention (latest + top-k), restore, crash safety, policy export/load."""
 
+import gc
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import lift
 from dpjax.data.normalizer import Normalizer
@@ -183,3 +187,19 @@ def test_exported_policy_and_checkpoints_load_on_their_own(tmp_path):
     _, _, variables = checkpointing.load_policy(path)
     for a, b in zip(jax.tree.leaves(variables['params']), jax.tree.leaves(ema_params)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_damaged_step_fails_with_one_error_not_one_per_array(tmp_path, caplog):
+  config = lift.get_config('smoke')
+  state = _toy_state()
+  checkpointer = checkpointing.Checkpointer(tmp_path / 'checkpoints', topk=1)
+  checkpointer.save(state, progress={'epoch': 0, 'batch_in_epoch': 0}, config=config,
+                    normalizer=smoke_normalizer(config))
+  checkpointer.wait_until_finished()
+  shutil.rmtree(checkpointer.step_dir(checkpointer.latest_step()) / 'state' / 'd')
+  with caplog.at_level(logging.ERROR, logger='asyncio'):
+    with pytest.raises(ValueError, match='Error reading'):
+      checkpointer.restore(state)
+    checkpointer.close()
+    gc.collect()  # Unretrieved task errors are logged when their tasks are collected.
+  assert not [r for r in caplog.records if r.name == 'asyncio']

@@ -12,9 +12,12 @@ dropped once they are no longer the latest and more than `topk` checkpoints exis
 asynchronous: `save` returns once the arrays are copied to host memory.
 """
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -54,6 +57,26 @@ def _normalizer_to_dict(normalizer: Normalizer) -> dict:
 
 def _normalizer_from_dict(data: dict, shape_meta: ShapeMeta, source: str) -> Normalizer:
   return Normalizer.from_json(json.dumps(data), shape_meta, source=source)
+
+
+class _DropUnretrievedTaskErrors(logging.Filter):
+  """orbax reads a checkpoint's arrays as concurrent asyncio tasks: when the files are damaged,
+  the first failure is raised (and reported as one message by the callers) while every other
+  task's failure is logged by asyncio as a traceback of its own."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Task exception was never retrieved')
+
+
+@contextlib.contextmanager
+def _one_error_per_failed_read() -> Iterator[None]:
+  asyncio_logger = logging.getLogger('asyncio')
+  log_filter = _DropUnretrievedTaskErrors()
+  asyncio_logger.addFilter(log_filter)
+  try:
+    yield
+  finally:
+    asyncio_logger.removeFilter(log_filter)
 
 
 def _dotted_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -147,12 +170,13 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'{self.directory}: no finished checkpoint to restore')
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            progress=ocp.args.JsonRestore(),
-        ))
+    with _one_error_per_failed_read():
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target),
+              progress=ocp.args.JsonRestore(),
+          ))
     return restored.state, dict(restored.progress)
 
   def read_metadata(self, step: int) -> tuple[dict, dict, dict]:
@@ -298,7 +322,7 @@ def _load_export(path: epath.Path):
                            'is damaged: export it again from its run\'s checkpoints')
 
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _one_error_per_failed_read(), ocp.StandardCheckpointer() as checkpointer:
       metadata = checkpointer.metadata(params_dir).item_metadata
       if metadata is None:
         raise damaged('orbax finds no metadata')
@@ -334,9 +358,11 @@ def _load_checkpoint(path: epath.Path):
         saved = checkpointer.metadata(step_dir / 'state').item_metadata.tree
       _check_param_shapes(saved['ema_params'], policy, f'{step_dir} (ema_params)')
       target = {'ema_params': _restore_target(saved['ema_params'])}
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
+      with _one_error_per_failed_read():
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
     except PolicyLoadError:
       raise
     except Exception as e:  # orbax and TensorStore raise many kinds for a damaged step.
