@@ -552,6 +552,9 @@ def test_spatial_softmax_keypoint_order_and_grid():
       expected_x = sum(p[r, c] * xs[c] for r in range(h) for c in range(w))
       expected_y = sum(p[r, c] * ys[r] for r in range(h) for c in range(w))
       np.testing.assert_allclose(out[b, 2 * j:2 * j + 2], [expected_x, expected_y], atol=1e-6)
+  # A map one pixel wide holds no position along that axis: such a crop is refused.
+  with pytest.raises(ValueError, match='a 3x1 feature map gives keypoints that do not depend'):
+    SpatialSoftmax(k).apply(identity, jnp.zeros((1, h, 1, k)))
 
 
 def _torch_resnet18(params, images):
@@ -723,7 +726,7 @@ def test_image_encoder_init_follows_torch_defaults():
   # torchvision convs: Kaiming normal (fan_out, ReLU); GroupNorm 1 / 0; the keypoint conv and
   # the projection Linear keep torch's default U(±1/sqrt(fan_in)). ('unsafe_rbg': fast compile.)
   params = jax.jit(ImageEncoder(resnet_width=16, num_keypoints=32, feature_dim=64).init)(
-      jax.random.key(0, impl='unsafe_rbg'), jnp.zeros((1, 32, 32, 3)))['params']
+      jax.random.key(0, impl='unsafe_rbg'), jnp.zeros((1, 33, 33, 3)))['params']
   conv = params['backbone']['layer4_1']['conv2']['kernel']  # 3×3×128×128
   assert abs(float(jnp.std(conv)) / math.sqrt(2.0 / (9 * 128)) - 1.0) < 0.02
   norm = params['backbone']['layer3_0']['downsample_norm']

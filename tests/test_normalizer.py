@@ -121,6 +121,11 @@ def test_load_errors_are_clear(tmp_path):
   doc['keys']['action']['offset'] = [0.0] * 6
   with pytest.raises(ValueError, match="'action' has 6 channels, expected 7"):
     Normalizer.from_json(json.dumps(doc), SHAPE_META)
+  doc = json.loads(_fitted().to_json())
+  doc['keys']['agentview_image']['mode'] = 'identity'
+  with pytest.raises(ValueError, match="camera 'agentview_image' has mode 'identity', expected "
+                     "'image'"):
+    Normalizer.from_json(json.dumps(doc), SHAPE_META)
 
 
 def test_usage_errors_name_the_key():

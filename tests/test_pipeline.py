@@ -287,6 +287,10 @@ def test_bad_requests_fail_clearly(dataset, tmp_path):
   wrong = ShapeMeta(obs=(ObsSpec('agentview_image', 'rgb', (32, 32, 3)),), action_dim=7)
   with pytest.raises(ValueError, match="'agentview_image' has shape \\(16, 16, 3\\)"):
     pipeline.load_episodes(dataset[2], wrong)
+  # An episode store in memory is held to shape_meta too: crops are cut by its sizes.
+  with pytest.raises(ValueError, match="episode store: observation 'agentview_image' has shape "
+                     "\\(16, 16, 3\\), shape_meta expects \\(32, 32, 3\\)"):
+    pipeline.make_dataset(store, wrong, **_kwargs())
 
 
 def test_a_truncated_record_names_the_dataset_and_the_fix(dataset, tmp_path):

@@ -15,7 +15,8 @@ from dpjax.diffusion.policy import STACKED_CAMERAS, DiffusionPolicy, PolicyNetwo
 from dpjax.models import cpu_kernels, pallas_decoder, resnet
 from dpjax.models.obs_encoder import output_dim
 
-IMAGE_SIZE, CROP = 32, (28, 28)
+# The smallest crop whose ResNet-18 map (2x2) lets the keypoints see the image.
+IMAGE_SIZE, CROP = 40, (36, 36)
 BATCH = 4
 # Raw action limits of the test normaliser: not [-1, 1], so unnormalisation is visible.
 ACTION_LO = np.array([-0.1, -0.1, -0.1, -0.5, -0.5, -0.5, -1.0], np.float32)
@@ -23,7 +24,7 @@ ACTION_HI = np.array([0.1, 0.3, 2.0, 0.5, 1.5, 0.5, 3.0], np.float32)
 
 
 def _config(prediction_type='epsilon', **model_overrides):
-  """smoke values, 32×32 images cropped to 28×28. Only the agentview camera: a second one
+  """smoke values, 40×40 images cropped to 36×36. Only the agentview camera: a second one
   would double what XLA compiles, and combining cameras is the encoder's (tested) business."""
   config = lift.get_config('smoke')
   shape_meta = lift._shape_meta(IMAGE_SIZE)
@@ -93,6 +94,44 @@ def test_predict_action_contract():
   actions = np.asarray(out['action_pred'])
   assert np.all(actions >= ACTION_LO - 1e-5) and np.all(actions <= ACTION_HI + 1e-5)
   assert np.any(actions > 1.0)
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda x: x.astype(np.float32) / 255.0,  # The [0, 1] convention would look black.
+     r"obs\['agentview_image'\] has shape \(4, 2, 40, 40, 3\) and dtype float32; expected "
+     r'\(B, ≥2, H, W, 3\) uint8 with \(H, W\) in \[\(40, 40\), \(36, 36\)\]'),
+    (lambda x: np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4), (0, 0))),  # Another rendering size.
+     r"obs\['agentview_image'\] has shape \(4, 2, 48, 48, 3\) and dtype uint8"),
+])
+def test_predict_action_rejects_images_unlike_the_training_ones(change, message):
+  policy, variables = _base_policy()
+  obs = _batch(policy.shape_meta, np.random.default_rng(1))['obs']
+  cropped = dict(obs, agentview_image=obs['agentview_image'][:, :, 2:38, 2:38])
+  policy.predict_action(variables, cropped, jax.random.key(0))  # As the pipeline gives them.
+  obs['agentview_image'] = change(obs['agentview_image'])
+  with pytest.raises(ValueError, match=message):
+    policy.predict_action(variables, obs, jax.random.key(0))
+
+
+def test_predict_action_names_non_finite_low_dim_observations():
+  policy, variables = _base_policy()
+  obs = _batch(policy.shape_meta, np.random.default_rng(1))['obs']
+  obs['robot0_eef_pos'][2, 1, 0] = np.nan
+  with pytest.raises(ValueError, match=r"obs\['robot0_eef_pos'\] holds NaN or inf "
+                     r'\(batch rows \[2\]\)'):
+    policy.predict_action(variables, obs, jax.random.key(0))
+
+
+def test_predict_action_refuses_parameters_of_another_network():
+  policy, _ = _base_policy()
+  other = _make_policy(_config(p_drop_attn=0.0, n_emb=32, n_head=2))
+  obs = _batch(policy.shape_meta, np.random.default_rng(1))['obs']
+  # Also as sampling variables, which would otherwise run the other network as they are.
+  for variables in (other.init(jax.random.key(0)),
+                    other.sampling_variables(other.init(jax.random.key(0)))):
+    with pytest.raises(ValueError, match=r"variables' parameters are not those of this "
+                       r"policy's config \(.*: shape \(\d+,( \d+)?\) in the variables"):
+      policy.predict_action(variables, obs, jax.random.key(0))
 
 
 def test_predict_action_rejects_short_history():

@@ -63,6 +63,8 @@ def test_unknown_variant_is_rejected():
     ('data.demo_seed', -3, r'data\.demo_seed=-3: expected an integer >= 0'),
     ('data.num_gen_workers', -2, r'data\.num_gen_workers=-2: expected an integer >= 0'),
     ('eval.video_episodes', -1, r'eval\.video_episodes=-1: expected an integer >= 0'),
+    ('data.crop_shape', (32, 40), r'data\.crop_shape=\(32, 40\): sides must be >= 33: '
+     r'ResNet-18 downsamples 32x'),
     # The default config rolls out every 10 epochs.
     ('eval.num_episodes', 0, r'eval\.num_episodes=0: rollouts are on \(training\.rollout_every'
      r'=10\), so at least 1 test episode is needed'),

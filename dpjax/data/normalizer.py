@@ -209,6 +209,11 @@ class Normalizer:
       if self.scale[key].shape[-1] != channels:
         raise ValueError(f'{source}: key {key!r} has {self.scale[key].shape[-1]} channels, '
                          f'expected {channels}')
+    modes = dict(self.modes)
+    for key in shape_meta.rgb_keys:
+      if modes[key] != 'image':
+        raise ValueError(f'{source}: camera {key!r} has mode {modes[key]!r}, expected \'image\' '
+                         '(uint8 [0, 255] to [-1, 1]); other modes would feed raw pixels')
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes JSON atomically (temp file + rename): a crash never leaves a partial file."""

@@ -101,22 +101,26 @@ def _as_builder(source: Any) -> tfds.core.DatasetBuilder:
                   f'got {type(source).__name__}')
 
 
-def _check_features(builder: tfds.core.DatasetBuilder, shape_meta: ShapeMeta) -> None:
-  where = f'TFDS dataset {builder.info.full_name} ({builder.data_dir})'
-  steps = builder.info.features['steps'].feature
-  observation = steps['observation']
+def _check_shapes(where: str, observation_shapes: dict[str, tuple[int, ...]],
+                  action_shape: tuple[int, ...], shape_meta: ShapeMeta) -> None:
+  """A source's per-step shapes must be shape_meta's: crops and batches are built from it."""
   for spec in shape_meta.obs:
-    if spec.key not in observation:
+    if spec.key not in observation_shapes:
       raise ValueError(f'{where}: no observation {spec.key!r} '
-                       f'(has {sorted(observation.keys())})')
-    stored = tuple(observation[spec.key].shape)
-    if stored != spec.shape:
-      raise ValueError(f'{where}: observation {spec.key!r} has shape {stored}, '
-                       f'shape_meta expects {spec.shape}')
-  stored_action = tuple(steps['action'].shape)
-  if stored_action != (shape_meta.action_dim,):
-    raise ValueError(f'{where}: action shape {stored_action}, shape_meta expects '
+                       f'(has {sorted(observation_shapes)})')
+    if observation_shapes[spec.key] != spec.shape:
+      raise ValueError(f'{where}: observation {spec.key!r} has shape '
+                       f'{observation_shapes[spec.key]}, shape_meta expects {spec.shape}')
+  if action_shape != (shape_meta.action_dim,):
+    raise ValueError(f'{where}: action shape {action_shape}, shape_meta expects '
                      f'({shape_meta.action_dim},)')
+
+
+def _check_features(builder: tfds.core.DatasetBuilder, shape_meta: ShapeMeta) -> None:
+  steps = builder.info.features['steps'].feature
+  _check_shapes(f'TFDS dataset {builder.info.full_name} ({builder.data_dir})',
+                {k: tuple(f.shape) for k, f in steps['observation'].items()},
+                tuple(steps['action'].shape), shape_meta)
 
 
 def load_episodes(source: Any, shape_meta: ShapeMeta) -> EpisodeStore:
@@ -126,6 +130,8 @@ def load_episodes(source: Any, shape_meta: ShapeMeta) -> EpisodeStore:
   decoded.
   """
   if isinstance(source, EpisodeStore):
+    _check_shapes('episode store', {k: tuple(v.shape[1:]) for k, v in source.obs.items()},
+                  tuple(source.actions.shape[1:]), shape_meta)
     return source
   builder = _as_builder(source)
   _check_features(builder, shape_meta)
@@ -298,9 +304,6 @@ def make_tf_dataset(source: Any, shape_meta: ShapeMeta, *, split: str, horizon: 
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   store = load_episodes(source, shape_meta)
-  missing = [k for k in shape_meta.keys if k not in store.obs]
-  if missing:
-    raise ValueError(f'episode store lacks observation keys {missing}')
   train = split == 'train'
   episodes = _split_episodes(store.num_episodes, split, val_ratio, split_seed)
   if len(episodes) == 0:

@@ -38,6 +38,7 @@ from dpjax.diffusion.schedules import make_noise_schedule
 from dpjax.models.obs_encoder import ObservationEncoder, output_dim, stack_camera_params
 from dpjax.models import pallas_decoder, resnet, transformer
 from dpjax.models.transformer import TransformerForDiffusion
+from dpjax.tree_shapes import shape_differences, summarize
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 # The `sampling_variables` entry holding the decoder's `transformer.DecoderConstants`.
@@ -137,6 +138,7 @@ class DiffusionPolicy:
         self.sampler, self.schedule.num_train_timesteps, self.num_inference_steps)
     # The compiled program behind `predict_action` (public for `.lower()` in benchmarks); it
     # takes exactly the shape_meta observation keys.
+    self._param_shapes = None  # `param_shapes()`, when a trace first needs it.
     self.predict_action_jit = jax.jit(self._predict_action)
     self._sampling_variables_jit = jax.jit(self._sampling_variables)
 
@@ -215,12 +217,17 @@ class DiffusionPolicy:
                          f'{sorted(obs)}')
       x = obs[spec.key]
       if spec.kind == 'rgb':
-        expected, ok = f'(B, ≥{to}, H, W, 3)', x.ndim == 5 and x.shape[4] == 3
+        # The normaliser maps [0, 255] to [-1, 1]: float images in [0, 1] would pass as black.
+        # Rendered images, or the pipeline's crops of them; another size sees another view.
+        sizes = {spec.shape[:2], self.network.obs_encoder.crop_shape} - {None}
+        expected = (f'(B, ≥{to}, H, W, 3) uint8 with (H, W) in '
+                    f'{sorted(sizes, reverse=True)}')
+        ok = x.ndim == 5 and x.shape[2:4] in sizes and x.shape[4] == 3 and x.dtype == jnp.uint8
       else:
         expected, ok = f'(B, ≥{to}, {spec.shape[0]})', x.shape[2:] == spec.shape
       if not ok or x.shape[1] < to or (batch_size is not None and x.shape[0] != batch_size):
-        raise ValueError(f'DiffusionPolicy: obs[{spec.key!r}] has shape {x.shape}; expected '
-                         f'{expected} with one B for all keys')
+        raise ValueError(f'DiffusionPolicy: obs[{spec.key!r}] has shape {x.shape} and dtype '
+                         f'{x.dtype}; expected {expected} with one B for all keys')
       batch_size = x.shape[0]
       x = self.normalizer.normalize(spec.key, x[:, :to])
       flat[spec.key] = x.reshape((batch_size * to,) + x.shape[2:])
@@ -298,8 +305,9 @@ class DiffusionPolicy:
     Args:
       variables: policy variables (the EMA parameters at evaluation), or their
         `sampling_variables` for repeated calls.
-      obs: raw {key: (B, ≥To, ...)}: uint8 images of any size ≥ crop_shape (centre-cropped),
-        low-dim floats; extra keys are ignored and only the first To frames are used.
+      obs: raw {key: (B, ≥To, ...)}: uint8 images of shape_meta's size (centre-cropped to
+        crop_shape) or already cropped to it, finite low-dim floats; extra keys are ignored and
+        only the first To frames are used.
       rng: key of the reverse process.
 
     Returns:
@@ -308,6 +316,13 @@ class DiffusionPolicy:
       [To − 1, To − 1 + n_action_steps) of `action_pred`.
     """
     obs = {spec.key: obs[spec.key] for spec in self.shape_meta.obs if spec.key in obs}
+    for key in self.shape_meta.low_dim_keys:
+      # Host arrays only: checking device arrays would wait for them.
+      x = obs.get(key)
+      if isinstance(x, np.ndarray) and not np.isfinite(x).all():
+        rows = np.unique(np.nonzero(~np.isfinite(x))[0]).tolist()
+        raise ValueError(f'DiffusionPolicy.predict_action: obs[{key!r}] holds NaN or inf '
+                         f'(batch rows {rows})')
     return self.predict_action_jit(variables, obs, rng)
 
   def sampling_variables(self, variables) -> dict:
@@ -341,8 +356,20 @@ class DiffusionPolicy:
           noise_model, variables['params']['noise_model'], self._timesteps)
     return result
 
+  def _check_params(self, params) -> None:
+    """At trace time: parameters of another network would run (as sampling variables) or fail
+    deep inside a layer."""
+    if self._param_shapes is None:
+      self._param_shapes = self.param_shapes()
+    problems = shape_differences(params, self._param_shapes, got_name='the variables',
+                                 expected_name="this policy's network")
+    if problems:
+      raise ValueError('DiffusionPolicy: the variables\' parameters are not those of this '
+                       f'policy\'s config ({summarize(problems)})')
+
   def _predict_action(self, variables, obs: Mapping[str, jax.Array],
                       rng: jax.Array) -> dict[str, jax.Array]:
+    self._check_params(variables['params'])
     features = self._encode_obs(variables, obs, train=False, rng=None)
     batch_size = features.shape[0]
     shape = (batch_size,) + self.trajectory_shape

@@ -72,6 +72,9 @@ class SpatialSoftmax(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     n, h, w, c = features.shape
+    if h < 2 or w < 2:
+      raise ValueError(f'SpatialSoftmax: a {h}x{w} feature map gives keypoints that do not depend '
+                       'on the image; ResNet-18 downsamples 32x, so crops need >= 33 pixels a side')
     k = self.num_keypoints
     logits = nn.Conv(k, (1, 1), dtype=self.dtype, kernel_init=torch_default_kernel_init,
                      bias_init=torch_default_bias_init(c), name='keypoints')(features)

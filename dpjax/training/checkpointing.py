@@ -33,6 +33,7 @@ from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy
 from dpjax.errors import InputError, root_cause
 from dpjax.training import config_checks
+from dpjax.tree_shapes import shape_differences, summarize
 
 PyTree = Any
 SUCCESS_METRIC = 'success_rate'
@@ -77,30 +78,6 @@ def _one_error_per_failed_read() -> Iterator[None]:
     yield
   finally:
     asyncio_logger.removeFilter(log_filter)
-
-
-def _dotted_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  # Dict keys, sequence indices and dataclass fields all become dotted names, as orbax's
-  # metadata names them.
-  def part(key) -> str:
-    for attr in ('key', 'idx', 'name'):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
-  return {'.'.join(part(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def shape_differences(saved: PyTree, expected: PyTree, *, here: str) -> list[str]:
-  """How a checkpoint's arrays (orbax metadata tree) differ from `expected`'s in names and
-  shapes, each as 'opt_state.0.mu.noise_model.kernel: ...'; `here` names what `expected` is.
-  Empty when restoring onto `expected` fits."""
-  saved, expected = _dotted_shapes(saved), _dotted_shapes(expected)
-  problems = [f'{name}: only in the checkpoint' for name in saved if name not in expected]
-  problems += [f'{name}: only in {here}' for name in expected if name not in saved]
-  problems += [f'{name}: shape {saved[name]} in the checkpoint, {shape} in {here}'
-               for name, shape in expected.items() if name in saved and saved[name] != shape]
-  return problems
 
 
 class Checkpointer:
@@ -207,7 +184,8 @@ class Checkpointer:
     if metadata is None:  # orbax logs why and returns nothing.
       raise ValueError(f'orbax cannot read the array metadata of {state_dir} (files missing '
                        'or corrupt)')
-    return shape_differences(metadata.tree, abstract_state, here='this run')
+    return shape_differences(metadata.tree, abstract_state, got_name='the checkpoint',
+                             expected_name='this run')
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -293,13 +271,11 @@ def _restore_target(metadata_tree: PyTree) -> PyTree:
 def _check_param_shapes(saved: PyTree, policy: DiffusionPolicy, source: str) -> None:
   """The saved parameters must be the ones the saved config builds (else sampling would fail
   deep inside the network, naming neither)."""
-  problems = shape_differences(saved, policy.param_shapes(),
-                              here='the network the saved config builds')
+  problems = shape_differences(saved, policy.param_shapes(), got_name='the checkpoint',
+                               expected_name='the network the saved config builds')
   if problems:
-    shown = '; '.join(problems[:3]) + (f'; … ({len(problems)} in all)'
-                                       if len(problems) > 3 else '')
     raise PolicyLoadError(f'{source}: the saved parameters do not match the saved config '
-                          f'({shown})')
+                          f'({summarize(problems)})')
 
 
 def _resolve_checkpoint(path: epath.Path) -> tuple[epath.Path, int | None]:

@@ -17,6 +17,7 @@ from dpjax.errors import InputError
 from dpjax.training.optimizer import LR_SCHEDULES
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+MIN_CROP = 33  # ResNet-18's stride 32 must leave the SpatialSoftmax at least 2x2 pixels.
 
 
 class ConfigError(InputError):
@@ -153,6 +154,9 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
         or not all(_is_int(v) and v > 0 for v in crop)):
       c.fail('data.crop_shape', 'expected (height, width), two positive integers')
       crop_ok = False
+  if crop_ok and min(crop) < MIN_CROP:
+    c.fail('data.crop_shape', f'sides must be >= {MIN_CROP}: ResNet-18 downsamples 32x, and '
+           'on a 1-pixel-wide map the SpatialSoftmax keypoints do not depend on the image')
   if crop_ok and shape_meta is not None:
     too_small = [f'{s.key!r} ({s.shape[0]}x{s.shape[1]})' for s in shape_meta.obs
                  if s.kind == 'rgb' and (crop[0] > s.shape[0] or crop[1] > s.shape[1])]

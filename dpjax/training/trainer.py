@@ -52,6 +52,7 @@ from dpjax.training import checkpointing, config_checks, curves as curves_lib
 from dpjax.training import metrics as metrics_lib
 from dpjax.training import optimizer as optimizer_lib, parallel, resume_checks
 from dpjax.training.train_state import TrainState, create_train_state
+from dpjax.tree_shapes import summarize
 
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
@@ -289,8 +290,8 @@ class _Loop:
     if mismatches:
       raise resume_checks.ResumeError(
           f'{self.checkpointer.step_dir(step)} holds a train state of another layout than this '
-          f'run\'s ({len(mismatches)} differences, e.g. {"; ".join(mismatches[:3])}); resume '
-          'with the code and config it was trained with or use a fresh --workdir')
+          f'run\'s ({summarize(mismatches)}); resume with the code and config it was trained '
+          'with or use a fresh --workdir')
     return self._read_checkpoint(step, self.checkpointer.restore, state, step)
 
   def _read_checkpoint(self, step: int, read, *args):
