@@ -136,9 +136,9 @@ class DiffusionPolicy:
     # Fails now, not at the first call, on a bad sampler or step count.
     self._timesteps, _ = sampling.inference_timesteps(
         self.sampler, self.schedule.num_train_timesteps, self.num_inference_steps)
+    self._param_shapes = None  # `param_shapes()`, when a trace first needs it.
     # The compiled program behind `predict_action` (public for `.lower()` in benchmarks); it
     # takes exactly the shape_meta observation keys.
-    self._param_shapes = None  # `param_shapes()`, when a trace first needs it.
     self.predict_action_jit = jax.jit(self._predict_action)
     self._sampling_variables_jit = jax.jit(self._sampling_variables)
 
