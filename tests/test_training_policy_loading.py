@@ -85,8 +85,6 @@ def test_damaged_parameter_files_are_named(export, which):
     checkpointing.load_policy(export)
 
 
-# After the failed read, a callback of orbax's reaches its closed event loop (collected later).
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_damaged_checkpoint_step_is_named(tmp_path, policy_parts):
   config, normalizer, params = policy_parts
   state = train_state.TrainState(step=jnp.asarray(3, jnp.int32), params=params,
