@@ -58,8 +58,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
     cause = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
-    message = str(cause.args[0] if cause.args else cause).replace('\n', ' ')
-    sys.exit(f'error: a --config.* override names no field of the config: {message}')
+    message = str(cause.args[0] if cause.args else cause)
+    field = message.splitlines()[0].strip("'") if message else ''
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    if not field or not any(f'.{field}' in o for o in overrides):
+      raise  # Not an override's: a bug in the config file, with its traceback.
+    sys.exit('error: a --config.* override names no field of the config: '
+             + message.replace('\n', ' '))
 
 
 def _quiet_checkpoint_logs() -> None:

@@ -119,11 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _make_output_dir(output_dir: str) -> None:
   """Before any episode runs: a folder that cannot be written would lose the whole evaluation."""
-  try:
-    os.makedirs(output_dir, exist_ok=True)
-  except OSError as e:
-    raise InputError(f'output folder {output_dir}: cannot be created ({e.strerror}: '
-                     f'{e.filename})') from e
+  os.makedirs(output_dir, exist_ok=True)
   if not os.access(output_dir, os.W_OK):
     raise InputError(f'output folder {output_dir}: not writable')
 

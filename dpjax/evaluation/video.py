@@ -8,8 +8,6 @@ from collections.abc import Sequence
 import imageio.v2 as imageio
 import numpy as np
 
-from dpjax.errors import InputError
-
 DEFAULT_VIEW_KEYS = ('agentview_image', 'robot0_eye_in_hand_image')
 
 
@@ -54,11 +52,7 @@ def prepare_video_dir(video_dir: str | os.PathLike[str]) -> None:
   episode videos an earlier evaluation left there: a rerun whose episode now fails would
   otherwise sit beside the old run's video of its success."""
   video_dir = os.fspath(video_dir)
-  try:
-    os.makedirs(video_dir, exist_ok=True)
-  except OSError as e:
-    raise InputError(f'video folder {video_dir!r}: cannot be created ({e.strerror}: '
-                     f'{e.filename})') from e
+  os.makedirs(video_dir, exist_ok=True)
   for name in os.listdir(video_dir):
     if _EPISODE_VIDEO.match(name):
       os.remove(os.path.join(video_dir, name))

@@ -80,6 +80,19 @@ def _one_error_per_failed_read() -> Iterator[None]:
     asyncio_logger.removeFilter(log_filter)
 
 
+def _saved_state_tree(step_dir: epath.Path) -> PyTree:
+  """The shapes and dtypes of a step's saved train state (orbax metadata; no arrays read)."""
+  state_dir = step_dir / 'state'
+  if not state_dir.is_dir():
+    raise FileNotFoundError(f'{state_dir} does not exist')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(state_dir).item_metadata
+  if metadata is None:  # orbax logs why and returns nothing.
+    raise ValueError(f'orbax cannot read the array metadata of {state_dir} (files missing or '
+                     'corrupt)')
+  return metadata.tree
+
+
 class Checkpointer:
   """The run's `CheckpointManager`: full train state, data position, config, normaliser.
 
@@ -176,16 +189,8 @@ class Checkpointer:
     Read from orbax's metadata (no arrays are loaded); each entry names a dotted path such as
     'opt_state.0.mu.noise_model.kernel'. Empty when `restore` onto `abstract_state` fits.
     """
-    state_dir = self.step_dir(step) / 'state'
-    if not state_dir.is_dir():
-      raise FileNotFoundError(f'{state_dir} does not exist')
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      metadata = checkpointer.metadata(state_dir).item_metadata
-    if metadata is None:  # orbax logs why and returns nothing.
-      raise ValueError(f'orbax cannot read the array metadata of {state_dir} (files missing '
-                       'or corrupt)')
-    return shape_differences(metadata.tree, abstract_state, got_name='the checkpoint',
-                             expected_name='this run')
+    return shape_differences(_saved_state_tree(self.step_dir(step)), abstract_state,
+                             got_name='the checkpoint', expected_name='this run')
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -330,8 +335,7 @@ def _load_checkpoint(path: epath.Path):
           config=ocp.args.JsonRestore(), normalizer=ocp.args.JsonRestore()))
       config, policy = _make_policy(dict(meta.config), dict(meta.normalizer),
                                     f'{step_dir} (config)', f'{step_dir} (normalizer)')
-      with ocp.PyTreeCheckpointer() as checkpointer:
-        saved = checkpointer.metadata(step_dir / 'state').item_metadata.tree
+      saved = _saved_state_tree(step_dir)
       _check_param_shapes(saved['ema_params'], policy, f'{step_dir} (ema_params)')
       target = {'ema_params': _restore_target(saved['ema_params'])}
       with _one_error_per_failed_read():

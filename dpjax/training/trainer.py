@@ -470,7 +470,6 @@ class _Loop:
   def finish(self, state: TrainState) -> None:
     """Waits for checkpoint writes, exports the EMA policy, writes summary.json."""
     self.checkpointer.wait_until_finished()
-    self.check_finite(state, self.config.training.num_epochs - 1)
     policy_dir = checkpointing.export_policy(
         os.path.join(self.workdir, POLICY_DIR), ema_params=state.ema_params,
         config=self.config, normalizer=self.normalizer)
