@@ -217,15 +217,27 @@ def test_stacked_cameras_give_the_same_features_and_actions(monkeypatch):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_variables_belong_to_their_sampler():
-  policy, variables = _base_policy()
+def _ddim_policy(num_train_timesteps):
   config = _config(p_drop_attn=0.0)
   config.diffusion.sampler, config.diffusion.num_inference_steps = 'ddim', 10
-  ddim = _make_policy(config)
+  config.diffusion.num_train_timesteps = num_train_timesteps
+  return _make_policy(config)
+
+
+@pytest.mark.parametrize('made_for,message', [
+    ('ddpm', r'are for 100 sampling steps \(timesteps 99, 98, 97, …\), this policy visits 10 '
+             r'sampling steps \(timesteps 90, 80, 70, …\)'),
+    # The same number of steps over another training schedule: other time embeddings.
+    ('ddim_200', r'are for 10 sampling steps \(timesteps 180, 160, 140, …\), this policy '
+                 r'visits 10 sampling steps \(timesteps 90, 80, 70, …\)'),
+])
+def test_sampling_variables_belong_to_their_sampler(made_for, message):
+  policy, variables = _base_policy()
+  maker = policy if made_for == 'ddpm' else _ddim_policy(200)
   obs = _batch(policy.shape_meta, np.random.default_rng(1))['obs']
-  with pytest.raises(ValueError, match=r"'decoder_constants'\] are for 100 sampling steps, this "
-                                       'policy takes 10'):
-    ddim.predict_action(policy.sampling_variables(variables), obs, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"\['decoder_constants'\] " + message):
+    _ddim_policy(100).predict_action(maker.sampling_variables(variables), obs,
+                                     jax.random.key(0))
 
 
 def test_pallas_decoder_samples_the_same_actions():

@@ -389,11 +389,12 @@ class DiffusionPolicy:
       constants = variables.get(DECODER_CONSTANTS)
       if constants is None:
         constants = transformer.decoder_constants(noise_model, params, self._timesteps)
-      elif constants.time_memory.shape[0] != len(self._timesteps):
+      elif constants.timesteps != tuple(self._timesteps.tolist()):
         raise ValueError(
             f'DiffusionPolicy.predict_action: variables[{DECODER_CONSTANTS!r}] are for '
-            f'{constants.time_memory.shape[0]} sampling steps, this policy takes '
-            f'{len(self._timesteps)}; make them with this policy\'s sampling_variables')
+            f'{_describe_timesteps(constants.timesteps)}, this policy visits '
+            f'{_describe_timesteps(self._timesteps)}; make them with this policy\'s '
+            'sampling_variables')
       pallas = self._pallas_decoder and transformer.runs_pallas_decoder(noise_model, constants,
                                                                         shape[1])
       obs_memory = transformer.observation_memory(noise_model, params, cond, pallas)
@@ -421,3 +422,9 @@ class DiffusionPolicy:
       start = self.n_obs_steps - 1
       action = action_pred[:, start:start + self.n_action_steps]
     return {'action': action, 'action_pred': action_pred}
+
+
+def _describe_timesteps(timesteps) -> str:
+  timesteps = list(timesteps)
+  shown = ', '.join(map(str, timesteps[:3])) + (', …' if len(timesteps) > 3 else '')
+  return f'{len(timesteps)} sampling steps (timesteps {shown})'

@@ -23,6 +23,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import chex
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -349,7 +350,8 @@ class CachedDecoderLayer(NamedTuple):
   ffn_out: cpu_kernels.PackedDense
 
 
-class DecoderConstants(NamedTuple):
+@flax.struct.dataclass
+class DecoderConstants:
   """What `cached_denoise` takes from the parameters alone (decoder mode), for one sampler.
 
   With the token-wise condition encoder (n_cond_layers = 0) a memory row depends only on its own
@@ -362,6 +364,9 @@ class DecoderConstants(NamedTuple):
   input_emb: cpu_kernels.PackedDense
   layers: tuple[CachedDecoderLayer, ...]
   head: cpu_kernels.PackedDense
+  # The sampler's timesteps, in order: static (part of the pytree's structure), so a table made
+  # for another sampler is refused when a program is traced, not used with wrong time rows.
+  timesteps: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
 
 def supports_cached_denoise(model: TransformerForDiffusion) -> bool:
@@ -504,7 +509,7 @@ def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
   Args:
     model: a TransformerForDiffusion with `supports_cached_denoise(model)`.
     params: its parameters (`variables['params']` of the module).
-    timesteps: (n_steps,) the timesteps the sampler will visit, in order.
+    timesteps: (n_steps,) the timesteps the sampler will visit, in order (concrete values).
   """
   if not supports_cached_denoise(model):
     raise ValueError('decoder_constants: needs time_as_cond=True and n_cond_layers=0, got '
@@ -518,7 +523,8 @@ def decoder_constants(model: TransformerForDiffusion, params: Mapping[str, Any],
       input_emb=cpu_kernels.pack_dense(**params['input_emb'], dtype=dtype),
       layers=tuple(_packed_layer(params[f'decoder_layers_{i}'], dtype)
                    for i in range(model.n_layer)),
-      head=cpu_kernels.pack_dense(**params['head'], dtype=dtype))
+      head=cpu_kernels.pack_dense(**params['head'], dtype=dtype),
+      timesteps=tuple(np.asarray(timesteps).tolist()))
 
 
 def observation_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
