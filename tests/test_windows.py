@@ -60,6 +60,9 @@ def test_bad_arguments_raise():
     windows.window_starts(-1, 4)
   with pytest.raises(ValueError, match='val_ratio'):
     windows.split_episodes(5, 1.0, 0)
+  for seed in (None, -1, 1.5, True):
+    with pytest.raises(ValueError, match=f'split seed must be an integer >= 0, got {seed}'):
+      windows.split_episodes(5, 0.2, seed)
 
 
 def _reference_val_mask(n_episodes, val_ratio, seed):

@@ -75,6 +75,9 @@ def split_episodes(num_episodes: int, val_ratio: float,
     raise ValueError(f'number of episodes must be >= 0, got {num_episodes}')
   if not 0.0 <= val_ratio < 1.0:
     raise ValueError(f'val_ratio must be in [0, 1), got {val_ratio}')
+  # None would mean a fresh random split, which a resumed run could not reproduce.
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f'split seed must be an integer >= 0, got {seed!r}')
   val_mask = np.zeros(num_episodes, dtype=bool)
   if val_ratio > 0 and num_episodes > 1:
     n_val = min(max(1, round(num_episodes * val_ratio)), num_episodes - 1)
