@@ -356,6 +356,22 @@ def test_rerunning_a_finished_run_keeps_its_summary(run_a, tmp_path):
   assert _workdir_files(workdir) == before  # summary.json keeps the losses and success rate.
 
 
+def test_a_finished_run_killed_before_its_summary_reports_what_it_measured(run_a, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_a.workdir, workdir)
+  (workdir / 'summary.json').unlink()  # Killed after its last checkpoint, before the summary.
+  with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write('{"step": 6, "epoch/val_lo')  # ... or while writing a record.
+  state = _train_in_process(run_a.root, workdir)
+  assert int(state.step) == FINAL_STEP
+  finished = json.loads((run_a.workdir / 'summary.json').read_text())
+  summary = json.loads((workdir / 'summary.json').read_text())
+  fields = ['step', 'epoch', *trainer.SUMMARY_METRICS]
+  assert {k: summary[k] for k in fields} == {k: finished[k] for k in fields}
+  assert None not in summary.values()
+  assert metrics.read_metrics(workdir) == metrics.read_metrics(run_a.workdir)
+
+
 @pytest.mark.parametrize('corrupt, cause', [
     (lambda step_dir: (step_dir / 'progress' / 'metadata').unlink(), 'FileNotFoundError'),
     (lambda step_dir: shutil.rmtree(step_dir / 'state'), 'FileNotFoundError'),

@@ -56,3 +56,18 @@ def test_step_metrics_reach_metrics_jsonl(tmp_path):
   assert records[0]['train/loss'] == 0.25 and records[1]['train/grad_norm'] == 1.0
   assert records[0]['train/lr'] == 0.0 and records[1]['train/lr'] == pytest.approx(1e-4)
   assert records[1]['train/samples_per_s'] == pytest.approx(4 * records[1]['train/steps_per_s'])
+
+
+def test_a_record_cut_short_by_a_kill_is_skipped_and_later_records_stay_whole(tmp_path,
+                                                                             caplog):
+  writer = metrics.MetricWriter(tmp_path)
+  writer.write(1, {'train/loss': 0.5})
+  writer.close()
+  with open(tmp_path / metrics.METRICS_FILE, 'a', encoding='utf-8') as f:
+    f.write('{"step": 2, "train/lo')  # The process died inside this write.
+  resumed = metrics.MetricWriter(tmp_path)  # The resumed run appends to the same file.
+  resumed.write(2, {'train/loss': 0.25})
+  resumed.close()
+  assert [(r['step'], r['train/loss']) for r in metrics.read_metrics(tmp_path)] == [(1, 0.5),
+                                                                                    (2, 0.25)]
+  assert f'{metrics.METRICS_FILE} line 2 is not a metrics record' in caplog.text

@@ -1,8 +1,9 @@
 """Run metrics to TensorBoard (tensorboardX) and `metrics.jsonl` in the workdir.
 
-Each `write` is one JSON line `{"step": s, "name": value, ...}` (names like 'train/loss',
-'val/loss', 'rollout/success_rate') and the same scalars as TensorBoard summaries. Only process 0
-writes; the others get a writer that does nothing, so the loop needs no branches.
+Each `write` is one JSON line `{"step": s, "time": t, "name": value, ...}` (names like
+'train/loss', 'epoch/val_loss', 'rollout/test/success_rate') and the same scalars as TensorBoard
+summaries. Only process 0 writes; the others get a writer that does nothing, so the loop needs no
+branches. A resumed run appends to the same file.
 """
 
 import json
@@ -13,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 import tensorboardX
+from absl import logging
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -26,7 +28,10 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+    path = os.path.join(workdir, METRICS_FILE)
+    self._jsonl = open(path, 'a', encoding='utf-8')
+    if _ends_mid_line(path):  # A run killed while writing: its last record stays on its own.
+      self._jsonl.write('\n')
     self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -53,8 +58,32 @@ class MetricWriter:
       self._enabled = False
 
 
+def _ends_mid_line(path: str) -> bool:
+  with open(path, 'rb') as f:
+    if f.seek(0, os.SEEK_END) == 0:
+      return False
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b'\n'
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-  """All records of `<workdir>/metrics.jsonl`, in order (for tests and notebooks)."""
+  """All records of `<workdir>/metrics.jsonl`, in order.
+
+  A line that is not a JSON record (cut short by a run killed while writing it) is skipped with a
+  warning naming it.
+  """
   path = os.path.join(workdir, METRICS_FILE)
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records = []
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError:
+        record = None
+      if isinstance(record, dict) and isinstance(record.get('step'), int):
+        records.append(record)
+      else:
+        logging.warning('%s line %d is not a metrics record; skipped: %.80r', path, number, line)
+  return records

@@ -57,6 +57,10 @@ from dpjax.tree_shapes import summarize
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
 POLICY_DIR = 'policy'
+# summary.json's measured fields: the latest value of each metric (epoch scalars).
+SUMMARY_METRICS = {'train_loss': 'epoch/train_loss', 'val_loss': 'epoch/val_loss',
+                   'action_mse': 'epoch/train_action_mse',
+                   'success_rate': 'rollout/test/success_rate'}
 
 
 class NonFiniteLossError(UserFacingError, FloatingPointError):
@@ -221,8 +225,8 @@ class _Loop:
     # Opened by `open_outputs` once the run goes ahead.
     self.writer: metrics_lib.MetricWriter | None = None
     self.step_log: StepLog | None = None
-    self.summary: dict[str, Any] = {'workdir': self.workdir, 'train_loss': None,
-                                    'val_loss': None, 'action_mse': None, 'success_rate': None}
+    self.summary: dict[str, Any] = {'workdir': self.workdir,
+                                    **dict.fromkeys(SUMMARY_METRICS)}
 
     policy = self.policy
     self.train_step = parallel.make_train_step(
@@ -267,6 +271,7 @@ class _Loop:
     if latest is None:
       return state, 0, 0
     state, progress = self.restore(state, latest)
+    self.summary.update(self._measured_until(latest))
     logging.info('Resumed from %s (epoch %d, batch %d of the epoch)',
                  self.checkpointer.step_dir(latest), progress['epoch'],
                  progress['batch_in_epoch'])
@@ -293,6 +298,19 @@ class _Loop:
           f'run\'s ({summarize(mismatches)}); resume with the code and config it was trained '
           'with or use a fresh --workdir')
     return self._read_checkpoint(step, self.checkpointer.restore, state, step)
+
+  def _measured_until(self, step: int) -> dict[str, Any]:
+    """The summary fields the run's metrics.jsonl recorded up to `step`: a resumed run's
+    summary reports what earlier processes measured (a killed finished run's last epoch, a
+    validation loss of an epoch before the resume)."""
+    if not os.path.exists(os.path.join(self.workdir, metrics_lib.METRICS_FILE)):
+      return {}
+    measured = {}
+    for record in metrics_lib.read_metrics(self.workdir):
+      if record['step'] <= step:
+        measured.update({field: record[name] for field, name in SUMMARY_METRICS.items()
+                         if name in record})
+    return measured
 
   def _read_checkpoint(self, step: int, read, *args):
     """`read(*args)`; a failure (files of `step` missing or corrupt) becomes one ResumeError."""
@@ -434,22 +452,23 @@ class _Loop:
     scalars = {'epoch/epoch': epoch, 'epoch/time_s': time.time() - epoch_start}
     num_epochs = training.num_epochs
     if train_loss is not None:
-      self.summary['train_loss'] = scalars['epoch/train_loss'] = train_loss
+      scalars['epoch/train_loss'] = train_loss
     if is_due(epoch, training.val_every, num_epochs, at_end=False):
       val_loss = self.validate(state, epoch)
       if val_loss is not None:
         self.check_metric('validation loss', val_loss, step, epoch)
-        self.summary['val_loss'] = scalars['epoch/val_loss'] = val_loss
+        scalars['epoch/val_loss'] = val_loss
     if last_batch is not None and is_due(epoch, training.sample_every, num_epochs,
                                           at_end=False):
       mse = self.sample_mse(state, last_batch, epoch)
       self.check_metric('action MSE', mse, step, epoch)
-      self.summary['action_mse'] = scalars['epoch/train_action_mse'] = mse
+      scalars['epoch/train_action_mse'] = mse
     success = None
     if is_due(epoch, training.rollout_every, num_epochs, at_end=True):
       success, rollout_scalars = self.rollout(state, epoch)
       scalars.update(rollout_scalars)
-      self.summary['success_rate'] = success
+    self.summary.update({field: scalars[name] for field, name in SUMMARY_METRICS.items()
+                         if name in scalars})
     self.writer.write(step, scalars)
     if is_due(epoch, training.checkpoint_every, num_epochs, at_end=True):
       self.check_finite(state, epoch)
@@ -494,7 +513,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Every process of a multi-host run calls this with the same arguments. Writes
   `<workdir>/summary.json`: {'workdir', 'step', 'epoch', 'train_loss', 'val_loss',
-  'action_mse', 'success_rate', 'checkpoint', 'policy_dir'} (None where not measured). A run
+  'action_mse', 'success_rate', 'checkpoint', 'policy_dir'}: the latest value of each metric,
+  measured by this process or, before a resume, by earlier ones (None where never measured). A run
   whose latest checkpoint already ends its last epoch, and whose summary.json is of that step,
   trains nothing and writes nothing.
 
