@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/lift.py
-export MUJOCO_GL ?= egl
 # Python runs on tcmalloc where it is installed: XLA:CPU allocates every step's temporaries afresh
 # (1.15 GB for the default training step) and glibc hands such blocks back to the kernel on free,
 # so each step page-faults and zeroes them again; tcmalloc keeps them for reuse

@@ -8,6 +8,9 @@ Variants (`--config configs/lift.py:VARIANT`):
   on Lift PH image after its long schedule.
 * ``paper`` — the reference's long schedule (3050 epochs, warmup 1000, rollouts every 50).
     python launch.py --config configs/lift.py:paper
+  Expected: the paper's 1.00 success on Lift PH image; not run here (≈ 160 steps per epoch, so
+  ≈ 490k steps: about 3 hours at the H100's 22.5 ms per step plus 61 rollouts, a week on a
+  2-core CPU).
 * ``cpu`` — sized to train on a 2-core laptop CPU in under an hour (see the departures listed
   in ``_cpu``).
     python launch.py --config configs/lift.py:cpu
@@ -18,6 +21,8 @@ Variants (`--config configs/lift.py:VARIANT`):
 * ``smoke`` — about a minute on 2 cores, most of it demo generation and compilation: a tiny
   network on 3 short demos, 2 epochs of 2 steps; used by the tests.
     python launch.py --config configs/lift.py:smoke --workdir /tmp/smoke
+  Expected: a finished run (summary.json, checkpoints, exported policy), not a useful policy:
+  the loss barely moves in 4 steps and no rollout runs.
 
 `obs_encoder_group_norm`: the user's file says False but also says BatchNorm must be replaced by
 GroupNorm when EMA is on, and EMA is on — so GroupNorm (True), as the reference does.
@@ -173,10 +178,11 @@ def get_config(arg=None):
 def _cpu(config):
   """Departures from the paper values so that training fits a 2-core CPU in under an hour.
 
-  Sized by measured costs on a 2-core CPU: 150 demos (8.3 min to generate at 18 demos/min); ResNet
-  width 16 and a 4-layer 128-wide transformer (447–674 ms per batch-64 step on the two CPUs
-  measured, vs 3.8–4.3 s for the paper network); batch 32 and 20 epochs (4,820 steps at ~3.3
-  steps/s, 24 min); a higher learning rate for the short schedule; lighter attention dropout for
+  Sized by the costs measured on a 2-core CPU when it was chosen (the code has become faster
+  since: README's speed table): 150 demos (8.3 min to generate at 18 demos/min); ResNet width 16
+  and a 4-layer 128-wide transformer (then 447–674 ms per batch-64 step on the two CPUs measured,
+  vs 3.8–4.3 s for the paper network; 236–257 ms vs 1.26–1.34 s on the Zen 5 VM of 2026-12-01);
+  batch 32 and 20 epochs (4,820 steps at ~3.3 steps/s then, 24 min); a higher learning rate for the short schedule; lighter attention dropout for
   the smaller model; DDIM-16 sampling for rollouts (for one policy DDPM-100 gave 0.60 on 30 test
   episodes vs 0.56 with DDIM-16 on 50, at 3× the policy time). A rollout mid-way and at the end
   (each 50 episodes costs 2.5–5 min). What decided the numbers: the demos matter most — with

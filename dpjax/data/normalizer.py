@@ -144,10 +144,6 @@ class Normalizer:
     x, scale, offset = self._params(key, x)
     return (x - offset) / scale
 
-  def normalize_obs(self, obs: Mapping[str, Any]) -> dict[str, jnp.ndarray]:
-    """Normalises every key of an observation dict {key: (..., C)}."""
-    return {k: self.normalize(k, v) for k, v in obs.items()}
-
   def to_json(self) -> str:
     entries = {
         key: {

@@ -7,8 +7,9 @@ Design (for speed on a 2-core host that also runs the training step):
    observation frame of some window, so decoding each PNG exactly once is the least decoding
    work possible; per-window decoding would redo it about To times per epoch.
 2. A window is a row of a precomputed (n_windows, horizon) table of flat step indices with the
-   reference edge padding (`dpjax.data.windows`). tf.data only moves int32 row ids through
-   shard -> shuffle -> repeat -> batch; one vectorised map per batch gathers the actions
+   reference edge padding (`dpjax.data.windows`). Each host takes its share of the row ids with
+   numpy; tf.data only moves those ids through shuffle -> (repeat) -> batch -> enumerate, and
+   one vectorised map per batch gathers the actions
    (B, horizon, Da) and only the first To observation frames (B, To, ...), then crops images
    (random per frame and camera in train, centre in val), all in a few TF ops per batch.
 3. Randomness is a pure function of (seed, process index, batch number): the shuffle is
@@ -374,7 +375,8 @@ def make_dataset(source: Any, shape_meta: ShapeMeta, *, split: str, horizon: int
       episodes.
     process_index, process_count: this host's shard (default: jax.process_index/count());
       hosts get disjoint windows and equally many.
-    repeat: loop forever (training) or stop after one pass (evaluation).
+    repeat: loop forever, or stop after one pass (the trainer reads one pass per epoch, each
+      with its own seed).
 
   Yields:
     {'obs': {rgb key: (B, To, ch, cw, 3) uint8, low-dim key: (B, To, D) float32},

@@ -1,7 +1,6 @@
 """Which observations a policy sees, in which order, with which shapes (SPEC §1, §4)."""
 
 import dataclasses
-from typing import Sequence
 
 OBS_KINDS = ('rgb', 'low_dim')
 
@@ -57,6 +56,3 @@ class ShapeMeta:
       if s.key == key:
         return s
     raise KeyError(f'{key!r} is not an observation key of this shape_meta: {self.keys}')
-
-  def subset(self, keys: Sequence[str]) -> 'ShapeMeta':
-    return ShapeMeta(obs=tuple(self.spec(k) for k in keys), action_dim=self.action_dim)

@@ -1,7 +1,8 @@
 """The whole reverse diffusion process as one `jax.lax.scan` (reference `conditional_sample`).
 
-Timesteps are precomputed on the host as constants, every step's noise is drawn inside the scan
-from a per-step key, so under `jax.jit` sampling is one compiled loop with no host round trip.
+Timesteps are precomputed on the host as constants and every step's noise is drawn from its own
+key before the loop (one vectorised draw, fed to the scan), so under `jax.jit` sampling is one
+compiled loop with no host round trip.
 """
 
 from typing import Callable, Optional

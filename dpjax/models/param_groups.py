@@ -45,7 +45,7 @@ def _label(path) -> str:
 
 
 def param_group_labels(params: Any) -> Any:
-  """Same-structure tree of group names (for `optax.multi_transform`)."""
+  """Same-structure tree of group names, to see which group each parameter falls in."""
   return jax.tree_util.tree_map_with_path(lambda path, _: _label(path), params)
 
 

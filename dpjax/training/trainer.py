@@ -10,9 +10,11 @@ parameters; action MSE, rollouts and the exported policy use the EMA parameters.
 Resuming (config.training.resume, the default) continues from the workdir's latest checkpoint
 only if it was trained with this run's model, data and diffusion training fields on the same
 normaliser statistics (`resume_checks`); training.*, eval.*, optimizer.*, ema.*, seed and
-the speed- or sampling-only fields may change. Nothing is written to the workdir (config.json,
-metrics, TensorBoard) until the run is known to go ahead, so a refused run leaves it as it was.
-Rerunning a finished run trains nothing and keeps its summary.json. A diverged run (non-finite
+the speed- or sampling-only fields may change, except switches that change the optimiser
+state's layout (accumulation, clipping, weight decay on/off) and fewer epochs than trained.
+Nothing is written to the workdir (config.json, metrics, TensorBoard) until the run is known to
+go ahead, so a refused run leaves it as it was. Rerunning a finished run trains nothing and
+keeps its summary.json. A diverged run (non-finite
 loss, validation loss, action MSE or parameters) stops without saving.
 
 Workdir after a run:
@@ -20,6 +22,7 @@ Workdir after a run:
   summary.json            final step, losses, success rate, checkpoint and policy paths
   metrics.jsonl           one JSON line per logged step / epoch
   tensorboard/            the same scalars for TensorBoard
+  learning_curves.png     losses and success rate against steps (`curves`)
   checkpoints/<step>/     latest + top-k by rollout success (orbax); with
                           training.checkpoint_every_steps also mid-epoch ones
   policy/                 exported EMA policy (`checkpointing.load_policy`)
