@@ -132,6 +132,46 @@ def test_bad_demo_contents_name_file_demo_and_key(tmp_path, demos, mutate, patte
   assert _sha256(path) == before
 
 
+def _replace_with_group(f, name):
+  del f[name]
+  f.create_group(name)
+
+
+@pytest.mark.parametrize('restructure, pattern', [
+    (lambda f: _replace_with_group(f, 'data/demo_2/actions'),
+     r"demo 'demo_2': 'actions' is a group, expected an array"),
+    (lambda f: _replace_with_group(f, 'data/demo_2/obs/robot0_eef_pos'),
+     r"demo 'demo_2' obs: 'robot0_eef_pos' is a group, expected an array"),
+    (lambda f: (f.__delitem__('data/demo_2/obs'), f.create_dataset('data/demo_2/obs', data=[0])),
+     r"demo 'demo_2': \"obs\" is an array, expected a group"),
+])
+def test_groups_and_arrays_in_each_others_place_are_named(tmp_path, demos, restructure, pattern):
+  path = _write(tmp_path / 'bad.hdf5', demos)
+  with h5py.File(path, 'a') as f:
+    restructure(f)
+  reader = RobomimicFile(path)
+  with pytest.raises(RobomimicFormatError, match=re.escape(str(path)) + '.*' + pattern):
+    reader.read_episode('demo_2', SHAPE_META)
+
+
+def test_a_damaged_compressed_array_is_named(tmp_path, demos):
+  path = tmp_path / 'damaged.hdf5'
+  with h5py.File(_write(path, demos), 'a') as f:
+    del f['data/demo_1/obs/agentview_image']
+    images = f.create_dataset('data/demo_1/obs/agentview_image', compression='gzip',
+                              data=demos['demo_1']['obs/agentview_image'])
+    chunk = images.id.get_chunk_info(0)
+  with open(path, 'r+b') as f:  # The chunk's compressed bytes no longer inflate.
+    f.seek(chunk.byte_offset)
+    f.write(b'\xff' * chunk.size)
+  reader = RobomimicFile(path)
+  reader.read_episode('demo_2', SHAPE_META)  # Other demos still read.
+  with pytest.raises(RobomimicFormatError,
+                     match=re.escape(str(path)) + r": demo 'demo_1' obs: 'agentview_image' "
+                     r'cannot be read, the file is damaged'):
+    reader.read_episode('demo_1', SHAPE_META)
+
+
 def test_bad_files_are_named(tmp_path):
   missing = tmp_path / 'nope.hdf5'
   with pytest.raises(FileNotFoundError, match=re.escape(str(missing)) + ' does not exist'):

@@ -69,6 +69,19 @@ def _attr_str(value: Any) -> str:
   return str(value)
 
 
+def _read_array(group: h5py.Group, key: str, where: str) -> np.ndarray:
+  """`group[key]` read whole; a group in its place, or a damaged dataset (a compressed chunk
+  that does not decompress), is a RobomimicFormatError naming it."""
+  node = group[key]
+  if not isinstance(node, h5py.Dataset):
+    raise RobomimicFormatError(f'{where}: {key!r} is a group, expected an array')
+  try:
+    return node[()]
+  except OSError as e:
+    raise RobomimicFormatError(f'{where}: {key!r} cannot be read, the file is damaged '
+                               f'({e})') from e
+
+
 class RobomimicFile:
   """A robomimic hdf5 file, opened read-only for each operation (no handle is held)."""
 
@@ -112,7 +125,8 @@ class RobomimicFile:
         raise RobomimicFormatError(
             f'{self.path}: filter key {filter_key!r} not found under "mask" '
             f'(available: {available})')
-      selected = [_attr_str(n) for n in np.asarray(mask[filter_key][()]).reshape(-1)]
+      selected = [_attr_str(n) for n in
+                  np.asarray(_read_array(mask, filter_key, self.path)).reshape(-1)]
       unknown = sorted(set(selected) - set(names), key=_demo_sort_key)
       if unknown:
         raise RobomimicFormatError(
@@ -161,6 +175,9 @@ class RobomimicFile:
     for required in ('actions', 'rewards', 'dones', 'obs'):
       if required not in demo:
         raise RobomimicFormatError(f'{where} has no {required!r} (keys: {sorted(demo.keys())})')
+    if not isinstance(demo['obs'], h5py.Group):
+      raise RobomimicFormatError(f'{where}: "obs" is an array, expected a group of observation '
+                                 'arrays')
 
     actions = self._read_actions(demo, where, shape_meta.action_dim)
     length = actions.shape[0]
@@ -178,12 +195,12 @@ class RobomimicFile:
       if key not in demo['obs']:
         raise RobomimicFormatError(
             f'{where}: missing obs key {key!r} (present: {sorted(demo["obs"].keys())})')
-      array = demo['obs'][key][()]
+      array = _read_array(demo['obs'], key, f'{where} obs')
       obs[key] = self._check_obs(array, spec.kind, spec.shape, f'{where} obs {key!r}', length)
     return Episode(name=name, obs=obs, actions=actions, rewards=rewards, dones=dones)
 
   def _read_actions(self, demo: h5py.Group, where: str, action_dim: int) -> np.ndarray:
-    actions = demo['actions'][()]
+    actions = _read_array(demo, 'actions', where)
     if actions.ndim != 2 or actions.shape[1] != action_dim:
       raise RobomimicFormatError(
           f'{where}: actions have shape {actions.shape}, expected (L, {action_dim})')
@@ -207,7 +224,7 @@ class RobomimicFile:
     return actions
 
   def _read_per_step(self, demo: h5py.Group, key: str, where: str, length: int) -> np.ndarray:
-    array = demo[key][()]
+    array = _read_array(demo, key, where)
     if array.shape not in ((length,), (length, 1)):
       raise RobomimicFormatError(
           f'{where}: {key!r} has shape {array.shape}, expected ({length},) like the actions')
