@@ -293,13 +293,14 @@ def test_bad_requests_fail_clearly(dataset, tmp_path):
     pipeline.make_dataset(store, wrong, **_kwargs())
 
 
-def test_a_truncated_record_names_the_dataset_and_the_fix(dataset, tmp_path):
+@pytest.mark.parametrize('damage', [
+    lambda record: os.truncate(record, os.path.getsize(record) // 2), os.remove])
+def test_a_damaged_record_names_the_dataset_and_the_fix(dataset, tmp_path, damage):
   copy = tmp_path / 'tfds'
   shutil.copytree(dataset[2].data_dir, copy)
-  record = max((p for p in copy.iterdir() if '.tfrecord' in p.name), key=os.path.getsize)
-  os.truncate(record, os.path.getsize(record) // 2)
-  with pytest.raises(ValueError, match=rf'TFDS dataset {copy}: a record is corrupt or truncated '
-                     r'\(.+\); delete that folder and the next run rebuilds it'):
+  damage(max((p for p in copy.iterdir() if '.tfrecord' in p.name), key=os.path.getsize))
+  with pytest.raises(ValueError, match=rf'TFDS dataset {copy}: a record is missing, corrupt or '
+                     r'truncated \(.+\); delete that folder and the next run rebuilds it'):
     pipeline.load_episodes(copy, SHAPE_META)
 
 

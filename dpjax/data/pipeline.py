@@ -150,8 +150,8 @@ def load_episodes(source: Any, shape_meta: ShapeMeta) -> EpisodeStore:
   # Stay in TF (eager tensors): a numpy round trip would copy the images twice more.
   try:
     episodes = [(name.numpy().decode('utf-8'), steps) for name, steps in ds]
-  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-    raise InputError(f'TFDS dataset {builder.data_dir}: a record is corrupt or truncated '
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+    raise InputError(f'TFDS dataset {builder.data_dir}: a record is missing, corrupt or truncated '
                      f'({e.message.splitlines()[0]}); delete that folder and the next run '
                      'rebuilds it from the demos') from e
   if not episodes:
