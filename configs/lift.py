@@ -69,9 +69,14 @@ def get_config(arg=None):
   config.task.n_action_steps = n_action_steps
   config.task.shape_meta = _shape_meta(image_size)
 
-  # Demonstrations come from our scripted expert; the dataset is built on first use.
+  # Demonstrations come from our scripted expert (generated under data_dir on first use), or
+  # from a robomimic hdf5 file of your own: dataset_path (num_demos and demo_seed then unused),
+  # optionally only the demos its mask/<filter_key> lists. The RLDS conversion and statistics
+  # are cached under data_dir either way.
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = 'data'
+  config.data.dataset_path = config_dict.placeholder(str)
+  config.data.filter_key = config_dict.placeholder(str)
   config.data.num_demos = 200
   config.data.demo_seed = 0
   config.data.image_size = image_size

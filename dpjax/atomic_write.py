@@ -4,6 +4,7 @@ A crash or kill mid-write leaves the previous file (or none), never a partial on
 """
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -15,6 +16,21 @@ def _process_umask() -> int:
   umask = os.umask(0)
   os.umask(umask)
   return umask
+
+
+_SUFFIX = '.tmp'
+
+
+def _prefix(path: str) -> str:
+  return f'.{os.path.basename(path)}.'
+
+
+def temporary_files(path: str | os.PathLike[str]) -> list[str]:
+  """The temporary files of writes of `path` in progress, or left by processes killed while
+  writing it."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  return glob.glob(os.path.join(glob.escape(folder), glob.escape(_prefix(path)) + '*' + _SUFFIX))
 
 
 @contextlib.contextmanager
@@ -30,7 +46,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     raise IsADirectoryError(f'{path}: is a folder; expected the path of a file to write')
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=_prefix(path), suffix=_SUFFIX)
   os.close(fd)
   # mkstemp creates the file readable by its owner only; the result should have the permissions
   # of any file this user creates (an exported policy read by another account, say).

@@ -8,6 +8,7 @@ report.
 """
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -36,16 +37,25 @@ def root_cause(error: BaseException) -> str:
   return f'{type(error).__name__}: {lines[0][:300] if lines else "no message"}'
 
 
+def _exit(signum: int, _) -> None:
+  raise SystemExit(128 + signum)
+
+
 def report_user_errors(main: Callable[..., T]) -> Callable[..., T]:
   """`main` for a command line: a `UserFacingError` or a path error becomes its message on
-  stderr and exit status 1 instead of a traceback."""
+  stderr and exit status 1 instead of a traceback. SIGTERM (a scheduler's or `timeout`'s stop)
+  exits as Ctrl-C does, through the `finally` blocks: temporary files are removed, checkpoint
+  writes finish."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
+    previous = signal.signal(signal.SIGTERM, _exit)
     try:
       return main(*args, **kwargs)
     except (UserFacingError, *_PATH_ERRORS) as e:
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(1)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
 
   return wrapped

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --only predict,train  # a selection
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
     python scripts/benchmark.py --only predict --compute-dtype bfloat16  # mixed precision
+    python scripts/benchmark.py --only precision  # bfloat16 vs float32 loss over 100 steps
     python scripts/benchmark.py --only predict --pallas-decoder  # GPU: the Pallas decoder
     python scripts/benchmark.py --only predict --trace DIR  # + one profiled call per figure
     python scripts/benchmark.py --only torch_reference  # the same work in PyTorch, this machine
@@ -42,8 +43,10 @@ from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
 from dpjax.models import cpu_kernels, pallas_decoder
 import trace_summary  # pylint: disable=g-import-not-at-top  # scripts/trace_summary.py
 
-FIGURES = ('predict', 'train', 'encoder', 'pipeline', 'env', 'torch_reference')
-DEFAULT_FIGURES = FIGURES[:5]  # torch_reference needs torch (requirements-test.txt).
+FIGURES = ('predict', 'train', 'encoder', 'pipeline', 'env', 'precision', 'torch_reference')
+# precision trains 200 steps of the paper-sized network (minutes on a CPU); torch_reference
+# needs torch (requirements-test.txt).
+DEFAULT_FIGURES = FIGURES[:5]
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
@@ -231,11 +234,25 @@ def bench_predict(args) -> dict[str, Any]:
           'sampling_variables_s': sampling_variables_s}
 
 
-def bench_train(args) -> dict[str, Any]:
-  """One full training step (two encoders + transformer + AdamW + EMA) at batch 64."""
+def _train_setup(policy: DiffusionPolicy, config, mesh, params, total_steps: int):
+  """(state, step): a fresh train state of `params` replicated over `mesh` and the jitted
+  training step (AdamW + EMA), as the trainer builds them."""
   from dpjax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from dpjax.training import parallel
   from dpjax.training.train_state import create_train_state
+
+  tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=total_steps)
+  state = jax.jit(lambda p, key: create_train_state(p, tx, key),
+                  out_shardings=parallel.replicated(mesh))(params, jax.random.key(1))
+  step = parallel.make_train_step(
+      lambda p, batch, rng: policy.compute_loss({'params': p}, batch, rng, train=True), tx,
+      mesh, ema_config=config.ema)
+  return state, step
+
+
+def bench_train(args) -> dict[str, Any]:
+  """One full training step (two encoders + transformer + AdamW + EMA) at batch 64."""
+  from dpjax.training import parallel  # pylint: disable=g-import-not-at-top
 
   batch_size = 4 if args.quick else 64
   device_counts = sorted({1, jax.device_count()})
@@ -245,20 +262,13 @@ def bench_train(args) -> dict[str, Any]:
     config = _variant(variant, args)
     shape_meta = ShapeMeta.from_config(config.task.shape_meta)
     policy = DiffusionPolicy(config, shape_meta, _synthetic_normalizer(shape_meta))
-    tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=1000)
     batch_np = _synthetic_batch(config, shape_meta, batch_size)
-
-    def loss_fn(params, batch, rng):
-      return policy.compute_loss({'params': params}, batch, rng, train=True)
-
     for num_devices in device_counts:
       if batch_size % num_devices:
         continue
       mesh = parallel.make_mesh(jax.devices()[:num_devices])
-      params = policy.init(jax.random.key(0))['params']
-      state = jax.jit(lambda p, key: create_train_state(p, tx, key),
-                      out_shardings=parallel.replicated(mesh))(params, jax.random.key(1))
-      step = parallel.make_train_step(loss_fn, tx, mesh, ema_config=config.ema)
+      state, step = _train_setup(policy, config, mesh, policy.init(jax.random.key(0))['params'],
+                                 total_steps=1000)
       batch = parallel.shard_batch(batch_np, mesh)
       start = time.perf_counter()
       compiled = step.lower(state, batch).compile()
@@ -280,6 +290,48 @@ def bench_train(args) -> dict[str, Any]:
           stats, compile_s=compile_s, median_s=median_s, times_s=times,
           samples_per_s=batch_size / median_s, batch_size=batch_size, num_devices=num_devices)
   return {'results': results}
+
+
+def bench_precision(args) -> dict[str, Any]:
+  """What bfloat16 compute does to training: the default config's loss over 100 AdamW steps at
+  batch 64 (warmup, then the cosine decay to 0), in float32 and with bfloat16 compute, from the
+  same float32 parameters on the same batches and keys, so the two curves agree step by step up
+  to rounding (tests/test_training_precision.py checks the same at smoke size). Reports both
+  curves, the relative differences per step and each precision's wall time for the steps (one
+  device; compilation apart)."""
+  from dpjax.training import parallel  # pylint: disable=g-import-not-at-top
+
+  steps, batch_size = (4, 4) if args.quick else (100, 64)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  losses, results, params = {}, {}, None
+  for dtype in ('float32', 'bfloat16'):
+    config = lift.get_config('smoke' if args.quick else 'default')
+    config.model.compute_dtype = dtype
+    shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+    policy = DiffusionPolicy(config, shape_meta, _synthetic_normalizer(shape_meta))
+    if params is None:  # Float32 parameters in both runs.
+      params = jax.device_get(policy.init(jax.random.key(0))['params'])
+    batches = [parallel.shard_batch(_synthetic_batch(config, shape_meta, batch_size, seed), mesh)
+               for seed in range(4)]
+    state, step = _train_setup(policy, config, mesh, params, total_steps=steps)
+    start = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    step_losses = []
+    for i in range(steps):
+      state, metrics = compiled(state, batches[i % len(batches)])
+      step_losses.append(metrics['loss'])
+    losses[dtype] = np.asarray(jax.device_get(step_losses), np.float64)
+    results[dtype] = {'compile_s': compile_s, 'steps_s': time.perf_counter() - start,
+                      'losses': losses[dtype].tolist()}
+  relative = np.abs(losses['bfloat16'] / losses['float32'] - 1)
+  return {'config': 'smoke' if args.quick else 'default', 'steps': steps,
+          'batch_size': batch_size, 'results': results,
+          'max_relative_difference': float(relative.max()),
+          'mean_relative_difference': float(relative.mean()),
+          'float32_first_last_10': [float(losses['float32'][:10].mean()),
+                                    float(losses['float32'][-10:].mean())]}
 
 
 def bench_encoder(args) -> dict[str, Any]:
@@ -468,7 +520,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.error(f'--output {args.output}: is a folder; expected the path of the JSON file')
 
   benches = {'predict': bench_predict, 'train': bench_train, 'encoder': bench_encoder,
-             'pipeline': bench_pipeline, 'env': bench_env,
+             'pipeline': bench_pipeline, 'env': bench_env, 'precision': bench_precision,
              'torch_reference': bench_torch_reference}
   report: dict[str, Any] = {'system': system_info(), 'quick': args.quick,
                             'repeats': args.repeats, 'compute_dtype': args.compute_dtype,

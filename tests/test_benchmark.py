@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_benchmark_reports_every_field(tmp_path):
   output = tmp_path / 'bench.json'
   env = dict(os.environ, MUJOCO_GL=os.environ.get('MUJOCO_GL', 'egl'))
-  figures = 'predict,train,encoder,pipeline,env,torch_reference'
+  figures = 'predict,train,encoder,pipeline,env,precision,torch_reference'
   subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick',
                   '--only', figures, '--output', str(output)],
                  check=True, cwd=tmp_path, env=env, timeout=900)
@@ -51,6 +51,14 @@ def test_quick_benchmark_reports_every_field(tmp_path):
   assert report['pipeline']['batches_per_s'] > 0
   assert report['env']['env_steps_per_s'] > 0 and report['env']['env_steps'] > 0
   assert report['memory']['host_max_rss_bytes'] > 0
+
+  precision = report['precision']
+  for dtype in ('float32', 'bfloat16'):
+    run = precision['results'][dtype]
+    assert len(run['losses']) == precision['steps'] and run['steps_s'] > 0, dtype
+    assert all(loss > 0 for loss in run['losses']), dtype
+  # The same parameters, batches and keys: the curves differ only by bfloat16 rounding.
+  assert 0 < precision['max_relative_difference'] < 0.05
 
   torch_reference = report['torch_reference']
   assert torch_reference['num_params'] > 0 and torch_reference['threads'] >= 1

@@ -1,11 +1,13 @@
 """Commands print a user-facing error as one message; anything else keeps its traceback."""
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from dpjax.atomic_write import temporary_files
 from dpjax.errors import InputError, report_user_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,3 +43,33 @@ def test_a_script_reports_bad_input_without_a_traceback(tmp_path):
   assert 'Traceback' not in run.stderr
   assert run.stderr.strip().splitlines()[-1] == (
       f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/eval'")
+
+
+_WRITER = """
+import sys, time
+from dpjax.atomic_write import atomic_path
+from dpjax.errors import report_user_errors
+
+def main():
+  with atomic_path(sys.argv[1]) as tmp:
+    open(tmp, 'w').write('half of it')
+    print('writing', flush=True)
+    time.sleep(60)
+
+report_user_errors(main)()
+"""
+
+
+def test_sigterm_stops_a_command_through_its_cleanup(tmp_path):
+  target = tmp_path / 'demos.hdf5'
+  proc = subprocess.Popen([sys.executable, '-c', _WRITER, str(target)], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                          text=True)
+  try:
+    assert proc.stdout.readline() == 'writing\n'
+    assert len(temporary_files(target)) == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+  finally:
+    proc.kill()
+  assert not target.exists() and temporary_files(target) == []

@@ -21,6 +21,7 @@ import textwrap
 import time
 import types
 
+import h5py
 import imageio.v2 as imageio
 import jax
 import numpy as np
@@ -342,6 +343,24 @@ def test_resume_on_a_changed_dataset_is_refused(run_a, tmp_path):
                      match=r"other normaliser statistics than this run's dataset .*'action' "
                            r'offset .*the dataset changed since these checkpoints were written'):
     _train_in_process(run_a.root, workdir)
+  assert _workdir_files(workdir) == before
+
+
+def test_resume_on_edited_demos_is_refused(run_a, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_a.workdir, workdir)
+  data_dir = tmp_path / 'data'  # The same demos elsewhere, their actions' signs flipped.
+  shutil.copytree(run_a.root / 'data', data_dir, ignore=shutil.ignore_patterns('tfds', 'stats'))
+  demos = data_dir / os.path.basename(prepare.demo_path(_smoke_config(run_a.root)))
+  with h5py.File(demos, 'a') as f:
+    for name in f['data']:
+      actions = f[f'data/{name}/actions']
+      actions[...] = -actions[()]
+  before = _workdir_files(workdir)
+  with pytest.raises(resume_checks.ResumeError,
+                     match=rf"checkpoints/6 was trained on other demos than this run's {demos} "
+                           r'\(dataset digest [0-9a-f]{16}\.\.\. vs [0-9a-f]{16}\.\.\.: '):
+    _train_in_process(run_a.root, workdir, **{'data.data_dir': str(data_dir)})
   assert _workdir_files(workdir) == before
 
 

@@ -6,10 +6,14 @@ channel 1 = step (+100 on the second camera), channel 2 = the pixel's row * 16 +
 batch tells exactly which steps (padding included) and which crop it was built from.
 """
 
+import fcntl
 import json
 import os
+import re
 import shutil
 import socket
+import threading
+import time
 
 import h5py
 import numpy as np
@@ -345,6 +349,75 @@ def test_an_unreadable_cached_normaliser_is_fitted_again(tmp_path):
                              f'{first.normalizer_path}') for line in logs)
   assert second.normalizer.to_json() == first.normalizer.to_json()
   assert Normalizer.load(first.normalizer_path, SHAPE_META).to_json() == first.normalizer.to_json()
+
+
+def test_a_dataset_of_ones_own_with_a_filter_key(tmp_path):
+  own = tmp_path / 'mine' / 'low_dim_image.hdf5'
+  own.parent.mkdir()
+  write_synthetic(own, LENGTHS)
+  with h5py.File(own, 'a') as f:
+    f['mask/long'] = np.array(['demo_2', 'demo_5', 'demo_7', 'demo_4'], dtype='S')
+  config = _config(tmp_path / 'data', SIZE, dataset_path=str(own), filter_key='long',
+                   val_ratio=0.0, batch_size=4)
+  logs = []
+  prepared = prepare.prepare_dataset(config, log=logs.append)
+  assert not any('Generating' in line for line in logs)
+  assert prepared.hdf5_path == str(own) and prepared.generation_stats is None
+  assert prepared.demo_names == ('demo_2', 'demo_4', 'demo_5', 'demo_7')
+  assert prepared.episode_lengths == (12, 9, 20, 15)
+  assert not list((tmp_path / 'data').glob('*.hdf5'))
+  # Another filter key is another conversion of the same file.
+  config.data.filter_key = None
+  everything = prepare.prepare_dataset(config, log=lambda line: None)
+  assert everything.episode_lengths == LENGTHS
+  assert everything.dataset_digest != prepared.dataset_digest
+  assert everything.tfds_dir != prepared.tfds_dir
+
+
+def test_a_demo_file_of_other_settings_under_the_generated_name_is_refused(tmp_path):
+  config = _config(tmp_path, SIZE, num_demos=5)
+  write_synthetic(prepare.demo_path(config), LENGTHS)
+  with pytest.raises(ValueError, match=re.escape(prepare.demo_path(config)) +
+                     r' holds 8 demos, config\.data\.num_demos=5: it is not the scripted '
+                     r"expert's file for these settings"):
+    prepare.prepare_dataset(config, log=lambda line: None)
+
+
+def test_what_killed_runs_left_is_removed(tmp_path):
+  config = _config(tmp_path, SIZE, num_demos=len(LENGTHS), val_ratio=0.25, batch_size=4)
+  hdf5 = prepare.demo_path(config)
+  write_synthetic(hdf5, LENGTHS)
+  leftovers = [tmp_path / f'.{os.path.basename(hdf5)}.k1ll3d.tmp',
+               tmp_path / 'stats' / '.demos.episodes.json.x7y.tmp',
+               tmp_path / 'tfds' / 'robomimic_rlds' / 'lift_abc' / 'incomplete.QKFJDX_1.0.0']
+  leftovers[0].write_bytes(b'half a file')
+  leftovers[1].parent.mkdir()
+  leftovers[1].write_text('{"demo')
+  leftovers[2].mkdir(parents=True)
+  (leftovers[2] / 'robomimic_rlds-train.tfrecord-00000-of-00001').write_bytes(b'partial')
+  logs = []
+  prepare.prepare_dataset(config, log=logs.append)
+  assert not any(path.exists() for path in leftovers)
+  assert sum(line.startswith('Removing ') for line in logs) == 3
+
+
+def test_processes_preparing_the_same_data_dir_take_turns(tmp_path):
+  config = _config(tmp_path, SIZE, num_demos=len(LENGTHS), val_ratio=0.25, batch_size=4)
+  write_synthetic(prepare.demo_path(config), LENGTHS)
+  logs, prepared = [], []
+  with open(tmp_path / prepare.LOCK_FILE, 'a', encoding='utf-8') as other_process:
+    fcntl.flock(other_process, fcntl.LOCK_EX)
+    waiting = threading.Thread(
+        target=lambda: prepared.append(prepare.prepare_dataset(config, log=logs.append)))
+    waiting.start()
+    deadline = time.time() + 60
+    while not logs and time.time() < deadline:
+      time.sleep(0.05)
+    assert logs == [f'Waiting for another process preparing data in {tmp_path}']
+    assert not (tmp_path / 'tfds').exists()
+    fcntl.flock(other_process, fcntl.LOCK_UN)
+  waiting.join(timeout=120)
+  assert prepared[0].episode_lengths == LENGTHS
 
 
 def test_real_robosuite_demos_round_trip_upright(tmp_path):

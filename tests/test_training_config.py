@@ -38,6 +38,9 @@ def test_unknown_variant_is_rejected():
 
 @pytest.mark.parametrize('field, value, message', [
     ('task.horizon', 8, r'task\.horizon=8: must be >= n_obs_steps \+ n_action_steps - 1 = 9'),
+    ('data.dataset_path', '/no/such/demos.hdf5', r"data\.dataset_path='/no/such/demos\.hdf5': "
+     r'no such file; expected a robomimic hdf5 file'),
+    ('data.filter_key', '', r"data\.filter_key='': expected the name of a mask/<filter_key> list"),
     ('data.crop_shape', (90, 90), r"data\.crop_shape=\(90, 90\): larger than the images of "
      r"'agentview_image' \(84x84\)"),
     ('data.batch_size', 5, r'data\.batch_size=5: the global batch must divide by the 2 devices'),

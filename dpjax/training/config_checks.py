@@ -6,6 +6,7 @@ Each problem names the config field, its value and what was expected, e.g.
 
 import math
 import numbers
+import os
 
 import ml_collections
 
@@ -143,6 +144,15 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
         c.fail('data.batch_size', f'the global batch must divide by the {count} {what} of '
                f'this run; use a multiple of {count}')
   c.int_at_least('data.num_demos', 2)
+  dataset_path = config.data.get('dataset_path')
+  if dataset_path is not None and (not isinstance(dataset_path, str) or
+                                   not os.path.isfile(dataset_path)):
+    c.fail('data.dataset_path', 'no such file; expected a robomimic hdf5 file, or None for the '
+           "scripted expert's demos")
+  filter_key = config.data.get('filter_key')
+  if filter_key is not None and (not isinstance(filter_key, str) or not filter_key):
+    c.fail('data.filter_key', 'expected the name of a mask/<filter_key> list of the dataset, or '
+           'None for all demos')
   c.int_at_least('data.num_gen_workers', 0)
   c.int_at_least('data.image_size', 1)
   c.number_in('data.val_ratio', 0.0, 1.0, high_open=True)

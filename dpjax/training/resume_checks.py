@@ -4,8 +4,9 @@ A resumed run must train the model its checkpoints hold on the data they were tr
 the config groups that define them (task, model, data, diffusion) must match the checkpoint's,
 except for fields that only tune speed or sampling (`RESUME_FREE`); training.*, eval.*,
 optimizer.*, ema.* and seed may change, except where a switch adds or removes optimiser-state
-arrays the checkpoint cannot fill (`RESUME_SWITCHES`). The normaliser statistics must match too:
-they change when the dataset does, whatever its path.
+arrays the checkpoint cannot fill (`RESUME_SWITCHES`). The demos must be the same, wherever they
+are: the dataset digest a checkpoint records (`prepare.PreparedData.dataset_digest`) and the
+normaliser statistics must match.
 """
 
 from typing import Any
@@ -13,14 +14,17 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from dpjax.data.prepare import PreparedData
 from dpjax.errors import InputError
 from dpjax.training.checkpointing import config_to_dict
 
 RESUME_COMPARED = ('task', 'model', 'data', 'diffusion')
-# A moved or rebuilt dataset shows in the normaliser comparison instead of data.data_dir; a new
-# shuffle_buffer only reorders the rest of an interrupted epoch.
+# Other demos show in the dataset digest and normaliser comparisons instead of data.data_dir or
+# data.dataset_path (a moved file is the same data); a new shuffle_buffer only reorders the rest
+# of an interrupted epoch.
 RESUME_FREE = frozenset({
-    'data.data_dir', 'data.num_gen_workers', 'data.shuffle_buffer', 'model.pallas_decoder',
+    'data.data_dir', 'data.dataset_path', 'data.num_gen_workers', 'data.shuffle_buffer',
+    'model.pallas_decoder',
     'diffusion.sampler', 'diffusion.num_inference_steps', 'diffusion.ddim_eta',
     'diffusion.variance_type', 'diffusion.clip_sample'})
 RESUME_SWITCHES = {
@@ -51,13 +55,15 @@ def resume_differences(saved_config: dict, config: dict) -> list[tuple[str, Any,
   """(field, checkpoint's value, this run's value) for each field a resumed run may not change.
 
   Both configs are `checkpointing.config_to_dict` dicts; a field absent from one side has
-  value `_ABSENT` there.
+  value `_ABSENT` there, the same as None (an optional field added to the config since).
   """
   saved, current = _flatten(saved_config), _flatten(config)
   differences = []
   for name in sorted(saved.keys() | current.keys()):
     old, new = saved.get(name, _ABSENT), current.get(name, _ABSENT)
-    if name.split('.')[0] in RESUME_COMPARED and name not in RESUME_FREE:
+    if (old, new) in ((_ABSENT, None), (None, _ABSENT)):  # A field added since, at its default.
+      differs = False
+    elif name.split('.')[0] in RESUME_COMPARED and name not in RESUME_FREE:
       differs = old != new
     elif name in RESUME_SWITCHES and _ABSENT not in (old, new):
       differs = RESUME_SWITCHES[name](old) != RESUME_SWITCHES[name](new)
@@ -85,9 +91,18 @@ def normalizer_difference(saved: dict, current: dict) -> str | None:
 
 
 def check(step_dir: Any, saved_config: dict, saved_normalizer: dict, progress: dict,
-          config: ml_collections.ConfigDict, normalizer: dict) -> None:
+          config: ml_collections.ConfigDict, normalizer: dict,
+          prepared: PreparedData) -> None:
   """Raises `ResumeError` unless this run (`config`, `normalizer` as a `Normalizer.to_json`
-  dict) may resume the checkpoint in `step_dir`, given what it stored beside its arrays."""
+  dict, its `prepare.PreparedData`) may resume the checkpoint in `step_dir`, given what it
+  stored beside its arrays."""
+  saved_digest = progress.get('dataset_digest')  # Absent from checkpoints of before 2026-12-02.
+  if saved_digest is not None and saved_digest != prepared.dataset_digest:
+    raise ResumeError(
+        f'{step_dir} was trained on other demos than this run\'s {prepared.hdf5_path} (dataset '
+        f'digest {saved_digest[:16]}... vs {prepared.dataset_digest[:16]}...: the file\'s bytes, '
+        'observation shapes or filter key changed since these checkpoints were written); '
+        'resume with the original demos or use a fresh --workdir')
   differences = resume_differences(saved_config, config_to_dict(config))
   if differences:
     def values(index: int) -> str:

@@ -290,7 +290,7 @@ class _Loop:
     saved_config, saved_normalizer, progress = self._read_checkpoint(
         step, self.checkpointer.read_metadata, step)
     resume_checks.check(step_dir, saved_config, saved_normalizer, progress, self.config,
-                        json.loads(self.normalizer.to_json()))
+                        json.loads(self.normalizer.to_json()), self.prepared)
 
   def restore(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
     """`step`'s state and progress, restored onto `state`'s shapes and shardings."""
@@ -425,7 +425,8 @@ class _Loop:
 
   def save(self, state: TrainState, epoch: int, batch_in_epoch: int,
            success_rate: float | None = None) -> None:
-    self.checkpointer.save(state, progress={'epoch': epoch, 'batch_in_epoch': batch_in_epoch},
+    self.checkpointer.save(state, progress={'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
+                                            'dataset_digest': self.prepared.dataset_digest},
                            config=self.config, normalizer=self.normalizer,
                            success_rate=success_rate)
 
