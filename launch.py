@@ -44,11 +44,21 @@ def _initialize_distribution() -> None:
       raise app.UsageError('--coordinator_address, --num_processes and --process_id go '
                            'together: pass all three (or --distributed for the cluster '
                            'environment)')
+    if _NUM_PROCESSES.value < 1:
+      raise app.UsageError(f'--num_processes={_NUM_PROCESSES.value}: expected >= 1')
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      raise app.UsageError(f'--process_id={_PROCESS_ID.value}: expected 0 … --num_processes − 1 '
+                           f'= {_NUM_PROCESSES.value - 1}')
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # JAX found no cluster to read the three values from.
+      raise app.UsageError(f'--distributed: {e} No cluster environment (SLURM, Cloud TPU, ...) '
+                           'was recognised; pass --coordinator_address, --num_processes and '
+                           '--process_id instead') from None
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -212,6 +212,12 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a):
   for key in uninterrupted:  # params, EMA, optimiser moments, step and RNG.
     np.testing.assert_array_equal(after_resume[key], uninterrupted[key], err_msg=key)
 
+  def epoch_losses(run):  # The last record of each step: after the resume, the resumed run's.
+    return {r['step']: r['epoch/train_loss'] for r in metrics.read_metrics(run)
+            if 'epoch/train_loss' in r}
+  # An epoch the kill cut short averages the losses of its batches before the kill too.
+  assert epoch_losses(workdir) == epoch_losses(run_a.workdir)
+
 
 _TWO_PROCESS_DRIVER = textwrap.dedent('''
     import sys
@@ -277,6 +283,23 @@ def test_an_override_naming_no_config_field_is_one_message(tmp_path):
   assert proc.stderr.strip() == ('error: a --config.* override names no field of the config: '
                                  '\'num_epoch\' Did you mean "num_epochs" instead of '
                                  '"num_epoch"?')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--coordinator_address=localhost:1', '--num_processes=2', '--process_id=5'],
+     '--process_id=5: expected 0 … --num_processes − 1 = 1'),
+    (['--distributed'], 'No cluster environment (SLURM, Cloud TPU, ...) was recognised; pass '
+     '--coordinator_address, --num_processes and --process_id instead'),
+])
+def test_bad_multi_process_flags_are_one_message(tmp_path, flags, message):
+  env = {k: v for k, v in _env(tmp_path).items() if not k.startswith(('SLURM_', 'OMPI_'))}
+  proc = subprocess.run(
+      [sys.executable, 'launch.py', '--config', 'configs/lift.py:smoke',
+       f'--workdir={tmp_path / "run"}', *flags],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert message in proc.stderr and 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 def _train_in_process(root, workdir, **overrides):

@@ -71,3 +71,11 @@ def test_a_record_cut_short_by_a_kill_is_skipped_and_later_records_stay_whole(tm
   assert [(r['step'], r['train/loss']) for r in metrics.read_metrics(tmp_path)] == [(1, 0.5),
                                                                                     (2, 0.25)]
   assert f'{metrics.METRICS_FILE} line 2 is not a metrics record' in caplog.text
+
+
+def test_an_epoch_resumed_midway_averages_the_losses_before_the_resume(tmp_path):
+  log = _step_log(tmp_path)
+  log.start_epoch(1, 3, total=4, done=2, done_losses=[0.5, 0.25])
+  log.push(7, {'loss': jnp.float32(1.0)})
+  log.push(8, {'loss': jnp.float32(0.25)})
+  assert log.end_epoch() == pytest.approx(0.5)

@@ -142,7 +142,8 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
     for count, what in ((num_devices, 'devices'), (num_processes, 'processes')):
       if count and batch % count:
         c.fail('data.batch_size', f'the global batch must divide by the {count} {what} of '
-               f'this run; use a multiple of {count}')
+               f'this run; use a multiple of {count} (or, to resume a run, which keeps its '
+               f'batch size, {what} that divide {batch})')
   c.int_at_least('data.num_demos', 2)
   dataset_path = config.data.get('dataset_path')
   if dataset_path is not None and (not isinstance(dataset_path, str) or

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,9 +122,12 @@ class StepLog:
     self._pending = None
     self._bar = None
 
-  def start_epoch(self, epoch: int, num_epochs: int, total: int, done: int) -> None:
+  def start_epoch(self, epoch: int, num_epochs: int, total: int, done: int,
+                  done_losses: Sequence[float] = ()) -> None:
+    """`done` batches of the epoch ran before a resume, with losses `done_losses` (recorded in
+    the checkpoint), so the epoch's mean loss is that of an uninterrupted run."""
     self.epoch = epoch
-    self.losses: list[float] = []
+    self.losses: list[float] = list(done_losses)
     # Throughput is timed from the epoch's first finished step: compilation and the
     # evaluation phases between epochs stay out of it.
     self._rate_start = None
@@ -197,7 +200,7 @@ class _Loop:
     training = config.training
     steps = self._steps_per_epoch('train')
     if steps < 1:
-      raise ValueError(
+      raise config_checks.ConfigError(
           f'the training split has fewer windows per process than one batch of '
           f'{self.local_batch_size} (config.data.batch_size={config.data.batch_size}); lower '
           'the batch size or add demos (config.data.num_demos)')
@@ -230,6 +233,7 @@ class _Loop:
     self.step_log: StepLog | None = None
     self.summary: dict[str, Any] = {'workdir': self.workdir,
                                     **dict.fromkeys(SUMMARY_METRICS)}
+    self.losses_before_resume: list[float] = []  # Of the epoch a checkpoint stopped inside.
 
     policy = self.policy
     self.train_step = parallel.make_train_step(
@@ -275,6 +279,8 @@ class _Loop:
       return state, 0, 0
     state, progress = self.restore(state, latest)
     self.summary.update(self._measured_until(latest))
+    # Absent from checkpoints of before 2026-12-02.
+    self.losses_before_resume = [float(x) for x in progress.get('epoch_train_losses', [])]
     logging.info('Resumed from %s (epoch %d, batch %d of the epoch)',
                  self.checkpointer.step_dir(latest), progress['epoch'],
                  progress['batch_in_epoch'])
@@ -404,6 +410,7 @@ class _Loop:
       scalars = {f'rollout/{k}': v for k, v in result['scalars'].items()}
     if jax.process_count() > 1:
       success = float(multihost_utils.broadcast_one_to_all(np.float32(success)))
+      scalars.setdefault(SUMMARY_METRICS['success_rate'], success)  # Every process's summary.
     return success, scalars
 
   # --- the loop --------------------------------------------------------------------------------
@@ -425,7 +432,10 @@ class _Loop:
 
   def save(self, state: TrainState, epoch: int, batch_in_epoch: int,
            success_rate: float | None = None) -> None:
+    # Mid-epoch, the epoch's losses so far: a resumed run's epoch loss averages them too.
     self.checkpointer.save(state, progress={'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
+                                            'epoch_train_losses': self.step_log.losses
+                                            if batch_in_epoch else [],
                                             'dataset_digest': self.prepared.dataset_digest},
                            config=self.config, normalizer=self.normalizer,
                            success_rate=success_rate)
@@ -434,7 +444,8 @@ class _Loop:
     """Trains the rest of `epoch` from batch `start_batch`, then evaluates and checkpoints."""
     training = self.config.training
     epoch_start = time.time()
-    self.step_log.start_epoch(epoch, training.num_epochs, self.batches_per_epoch, start_batch)
+    self.step_log.start_epoch(epoch, training.num_epochs, self.batches_per_epoch, start_batch,
+                              self.losses_before_resume if start_batch else ())
     step = int(jax.device_get(state.step))
     batch_index, last_batch = start_batch, None
     for batch in self.train_batches(epoch, start_batch):
