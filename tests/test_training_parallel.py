@@ -1,8 +1,9 @@
 """Data parallelism: 1 device and 2 (simulated CPU) devices train the policy to the same params.
 
-XLA's device count is fixed when jax starts, so the comparison runs in a subprocess started
-with --xla_force_host_platform_device_count=2; it trains the smoke policy three steps on the
-same global batches from the same key on a 1-device mesh and on a 2-device mesh.
+XLA's device count is fixed when jax starts, so the comparison runs in subprocesses: one started
+with --xla_force_host_platform_device_count=2 trains the smoke policy three steps on the same
+global batches from the same key on a 1-device mesh and on a 2-device mesh (XLA's ops for both);
+one with a single device trains as a 1-device run does, on the C++ CPU kernels where they build.
 """
 
 import json
@@ -24,9 +25,10 @@ _SCRIPT = textwrap.dedent('''
     from dpjax.data.normalizer import Normalizer
     from dpjax.data.shape_meta import ShapeMeta
     from dpjax.diffusion.policy import DiffusionPolicy
+    from dpjax.models import cpu_kernels
     from dpjax.training import optimizer, parallel, train_state
 
-    assert len(jax.devices()) == 2, jax.devices()
+    num_devices = len(jax.devices())
     config = lift.get_config('smoke')
     shape_meta = ShapeMeta.from_config(config.task.shape_meta)
     rng = np.random.default_rng(0)
@@ -45,13 +47,14 @@ _SCRIPT = textwrap.dedent('''
     tx = optimizer.make_optimizer(config.optimizer, 10)
     params = jax.device_get(policy.init(jax.random.PRNGKey(3))['params'])
     out = {}
-    for n in (1, 2):
+    for n in sorted({1, num_devices}):
       mesh = parallel.make_mesh(jax.devices()[:n])
       state = jax.jit(lambda p, k: train_state.create_train_state(p, tx, k),
                       out_shardings=parallel.replicated(mesh))(
                           parallel.replicate(params, mesh), jax.random.PRNGKey(4))
       if n == 1:
         np.savez(sys.argv[1] + '/params_init.npz', *jax.tree.leaves(jax.device_get(state.params)))
+        out['kernels'] = cpu_kernels.enabled(jax.numpy.float32)
       step = parallel.make_train_step(loss_fn, tx, mesh, ema_config=config.ema)
       losses = []
       for b in batches:
@@ -61,7 +64,8 @@ _SCRIPT = textwrap.dedent('''
         losses.append(float(metrics['loss']))
       assert len(state.params['noise_model']['input_emb']['kernel'].sharding.device_set) == n
       host = jax.device_get(state)
-      np.savez(sys.argv[1] + f'/params_{n}.npz', *jax.tree.leaves((host.params, host.ema_params)))
+      np.savez(sys.argv[1] + f'/params_{n}_of_{num_devices}.npz',
+               *jax.tree.leaves((host.params, host.ema_params)))
       out[n] = losses
     try:
       parallel.check_global_batch_size(3, parallel.make_mesh())
@@ -71,23 +75,32 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_one_device_and_two_devices_give_the_same_parameters(tmp_path):
-  # Unoptimised XLA code compiles twice as fast; both meshes use the same flags.
+def _train(tmp_path, num_devices: int) -> dict:
+  # Unoptimised XLA code compiles twice as fast; every run uses the same flags.
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
-             XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} '
                        '--xla_backend_optimization_level=0')
   proc = subprocess.run([sys.executable, '-c', _SCRIPT, str(tmp_path)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.split('RESULT ', 1)[1])
-  np.testing.assert_allclose(result['1'], result['2'], rtol=1e-5)
-  assert 'does not divide by the 2 devices' in result['error']
-  one, two = np.load(tmp_path / 'params_1.npz'), np.load(tmp_path / 'params_2.npz')
-  assert len(one.files) == len(two.files) > 10
-  for name in one.files:  # Only the order of float reductions may differ.
-    np.testing.assert_allclose(one[name], two[name], rtol=2e-5, atol=2e-6, err_msg=name)
+  return json.loads(proc.stdout.split('RESULT ', 1)[1])
+
+
+def test_one_device_and_two_devices_give_the_same_parameters(tmp_path):
+  two_devices, one_device = _train(tmp_path, 2), _train(tmp_path, 1)
+  assert not two_devices['kernels']  # The kernels run on a single device only.
+  np.testing.assert_allclose(two_devices['1'], two_devices['2'], rtol=1e-5)
+  np.testing.assert_allclose(one_device['1'], two_devices['2'], rtol=1e-5)
+  assert 'does not divide by the 2 devices' in two_devices['error']
+  runs = {name: np.load(tmp_path / f'params_{name}.npz')
+          for name in ('1_of_1', '1_of_2', '2_of_2')}
+  assert len(runs['1_of_1'].files) == len(runs['2_of_2'].files) > 10
+  for name in runs['2_of_2'].files:  # Only the order of float reductions may differ.
+    for single in ('1_of_1', '1_of_2'):
+      np.testing.assert_allclose(runs[single][name], runs['2_of_2'][name], rtol=2e-5, atol=2e-6,
+                                 err_msg=f'{single}: {name}')
   initial = np.load(tmp_path / 'params_init.npz')
-  changed = [not np.array_equal(initial[name], one[name]) for name in initial.files]
+  changed = [not np.array_equal(initial[name], runs['2_of_2'][name]) for name in initial.files]
   assert sum(changed) > len(changed) // 2  # The steps really trained (lr > 0 after warmup).
 
 
