@@ -11,6 +11,7 @@ import pytest
 from configs import lift
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
+from dpjax.diffusion import policy as policy_lib
 from dpjax.diffusion.policy import STACKED_CAMERAS, DiffusionPolicy, PolicyNetwork
 from dpjax.models import cpu_kernels, pallas_decoder, resnet
 from dpjax.models.obs_encoder import output_dim
@@ -281,6 +282,119 @@ def test_other_modes_run(overrides):
     assert actions.shape == (BATCH, 10, 7)
     obs_dim = output_dim(policy.shape_meta, 8)
     assert variables['params']['noise_model']['input_emb']['kernel'].shape == (7 + obs_dim, 16)
+
+
+def _capture_loss_inputs(monkeypatch):
+  """Records what `compute_loss` noises and feeds its network; the network's stand-in predicts
+  a fixed function of its input, so the loss can be recomputed by hand."""
+  seen = {}
+  add_noise = policy_lib.ddpm.add_noise
+
+  def recording_add_noise(schedule, x0, noise, t):
+    seen.update(x0=np.asarray(x0), noise=np.asarray(noise), t=np.asarray(t))
+    seen['noisy'] = np.asarray(add_noise(schedule, x0, noise, t))
+    return add_noise(schedule, x0, noise, t)
+
+  def stand_in(self, sample, timesteps, cond, train):
+    seen['input'], seen['input_t'] = np.asarray(sample), np.asarray(timesteps)
+    return 0.5 * sample + 0.1
+
+  monkeypatch.setattr(policy_lib.ddpm, 'add_noise', recording_add_noise)
+  monkeypatch.setattr(PolicyNetwork, 'denoise', stand_in)
+  return seen
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'sample'])
+@pytest.mark.parametrize('mode', ['obs_as_cond', 'pred_action_steps_only', 'inpainting'])
+def test_compute_loss_against_the_reference_formula(mode, prediction_type, monkeypatch):
+  """The reference's loss: x0 = normalised actions (steps To − 1 … To + Na − 2 only, or beside
+  the first To observation features, which stay un-noised), x_t = add_noise(x0, noise, t), the
+  masked squared error against noise or x0, averaged over every entry."""
+  overrides = {'obs_as_cond': dict(), 'pred_action_steps_only': dict(pred_action_steps_only=True),
+               'inpainting': dict(obs_as_cond=False)}[mode]
+  policy = _make_policy(_config(prediction_type=prediction_type, **overrides))
+  variables = policy.init(jax.random.key(0))
+  batch = _batch(policy.shape_meta, np.random.default_rng(2))
+  seen = _capture_loss_inputs(monkeypatch)
+  loss, _ = policy.compute_loss(variables, batch, jax.random.key(1), train=False)
+
+  to, da = policy.n_obs_steps, policy.action_dim
+  actions = np.asarray(policy.normalizer.normalize('action', batch['action']))
+  if mode == 'pred_action_steps_only':
+    actions = actions[:, to - 1:to - 1 + policy.n_action_steps]
+  np.testing.assert_allclose(seen['x0'][..., :da], actions, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(seen['input_t'], seen['t'])
+  free = np.ones(seen['x0'].shape, bool)
+  if mode == 'inpainting':
+    free[:, :to, da:] = False  # The observation features of the first To steps: conditioned.
+    assert np.abs(seen['x0'][:, :to, da:]).max() > 0  # Features, not zeros.
+  np.testing.assert_array_equal(seen['input'][~free], seen['x0'][~free])
+  np.testing.assert_array_equal(seen['input'][free], seen['noisy'][free])
+  target = seen['noise'] if prediction_type == 'epsilon' else seen['x0']
+  error = np.square(0.5 * seen['input'] + 0.1 - target)
+  if mode == 'inpainting':
+    error[..., da:] = 0.0  # Only To observation frames are encoded: no feature target after.
+  np.testing.assert_allclose(loss, error.mean(), rtol=1e-5)
+
+
+def test_training_timesteps_cover_zero_to_k_minus_one(monkeypatch):
+  config = _config(p_drop_attn=0.0)
+  config.diffusion.num_train_timesteps = config.diffusion.num_inference_steps = 5
+  policy = _make_policy(config)
+  batch = _batch(policy.shape_meta, np.random.default_rng(2))
+  batch = jax.tree.map(lambda x: np.concatenate([x] * 8), batch)  # 32 rows.
+  variables = policy.init(jax.random.key(0))
+  seen = _capture_loss_inputs(monkeypatch)
+  policy.compute_loss(variables, batch, jax.random.key(1))
+  assert set(seen['t'].tolist()) == {0, 1, 2, 3, 4}
+
+
+def _stand_in_denoiser(monkeypatch, x0, inputs):
+  """The sampler's network predicts `x0` ('sample' prediction) whatever its input; `inputs`
+  collects each step's input."""
+
+  def cached_denoise(model, params, constants, obs_memory, x, step, pallas):
+    jax.debug.callback(lambda v: inputs.append(np.asarray(v)), x)
+    return jnp.broadcast_to(jnp.asarray(x0, x.dtype), x.shape)
+
+  monkeypatch.setattr(policy_lib.transformer, 'cached_denoise', cached_denoise)
+
+
+def test_sample_prediction_samples_the_predicted_trajectory(monkeypatch):
+  """DDPM's last step (t = 0, ᾱ_prev = 1, no noise) returns the predicted x0 itself."""
+  policy = _make_policy(_config(prediction_type='sample', p_drop_attn=0.0))
+  x0 = np.random.default_rng(5).uniform(-0.9, 0.9, (BATCH,) + policy.trajectory_shape)
+  _stand_in_denoiser(monkeypatch, x0, [])
+  obs = _batch(policy.shape_meta, np.random.default_rng(1))['obs']
+  out = policy.predict_action(policy.init(jax.random.key(0)), obs, jax.random.key(3))
+  np.testing.assert_allclose(out['action_pred'],
+                             policy.normalizer.unnormalize('action', x0.astype(np.float32)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_inpainting_samples_condition_only_the_first_observation_steps(monkeypatch):
+  policy = _make_policy(_config(obs_as_cond=False, p_drop_attn=0.0))
+  inputs = []
+  _stand_in_denoiser(monkeypatch, np.zeros(policy.trajectory_shape), inputs)
+  obs = _batch(policy.shape_meta, np.random.default_rng(1))['obs']
+  policy.predict_action(policy.init(jax.random.key(0)), obs, jax.random.key(3))
+  jax.effects_barrier()
+  to, da = policy.n_obs_steps, policy.action_dim
+  assert len(inputs) == policy.num_inference_steps
+  first = inputs[0]
+  assert np.abs(first[:, :to, da:]).max() > 0  # The observation features...
+  for x in inputs:  # ... stay fixed, while the later steps' feature entries are sampled.
+    np.testing.assert_array_equal(x[:, :to, da:], first[:, :to, da:])
+  assert np.abs(first[:, to:, da:]).max() > 0.1
+
+
+def test_a_longer_history_gives_the_actions_of_its_first_frames():
+  policy, variables = _base_policy()
+  obs = _batch(policy.shape_meta, np.random.default_rng(1), n_obs_steps=3)['obs']
+  first_two = {key: x[:, :2] for key, x in obs.items()}
+  np.testing.assert_array_equal(
+      policy.predict_action(variables, obs, jax.random.key(5))['action_pred'],
+      policy.predict_action(variables, first_two, jax.random.key(5))['action_pred'])
 
 
 def test_loss_falls_tenfold_when_overfitting_one_batch():
