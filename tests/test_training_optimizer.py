@@ -118,14 +118,15 @@ def _toy_loss(params, batch, rng):
   return loss, {}
 
 
-def _toy_setup(accumulate, lr_warmup_steps=0):
-  config = _optimizer_config(lr=1e-2, lr_warmup_steps=lr_warmup_steps, lr_schedule='constant')
+def _toy_setup(accumulate, lr_warmup_steps=0, loss_fn=_toy_loss, **optimizer_overrides):
+  config = _optimizer_config(lr=1e-2, lr_warmup_steps=lr_warmup_steps, lr_schedule='constant',
+                             **optimizer_overrides)
   tx = optimizer.make_optimizer(config, 10, gradient_accumulate_every=accumulate,
                                 decay_groups=[(1e-3, lambda p: {'w': True, 'b': False})])
   mesh = parallel.make_mesh(jax.devices()[:1])
   init = lambda key: {'w': jax.random.normal(key, (3, 2)), 'b': jnp.zeros(2)}
   state = train_state.create_train_state(init(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(1))
-  step = parallel.make_train_step(_toy_loss, tx, mesh, ema_config=_ema_config(),
+  step = parallel.make_train_step(loss_fn, tx, mesh, ema_config=_ema_config(),
                                   gradient_accumulate_every=accumulate)
   return state, step, mesh
 
@@ -162,20 +163,41 @@ def test_first_warmup_step_has_zero_learning_rate():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-  halves = _toy_batches(2, 4)
-  whole = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
-  state_acc, step_acc, mesh = _toy_setup(accumulate=2)
-  after_first = None
+  """Four updates of two accumulated micro-batches each against four steps on the halves
+  concatenated. Adam's eps = 1 keeps the update sensitive to the gradient's scale (a sum of the
+  micro-batches' gradients in place of their mean would show), and four EMA updates take it past
+  its two initial copies."""
+  halves = _toy_batches(8, 4)
+  wholes = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(halves[::2], halves[1::2])]
+  state_acc, step_acc, mesh = _toy_setup(accumulate=2, eps=1.0)
+  state_big, step_big, _ = _toy_setup(accumulate=1, eps=1.0)
   for i, batch in enumerate(halves):
+    before = jax.device_get((state_acc.params, state_acc.ema_params))
     state_acc, _ = step_acc(state_acc, parallel.shard_batch(batch, mesh))
-    if i == 0:
-      after_first = jax.device_get(state_acc.params)
-  state_big, step_big, _ = _toy_setup(accumulate=1)
-  initial = jax.device_get(state_big.params)
-  state_big, _ = step_big(state_big, parallel.shard_batch(whole, mesh))
-  np.testing.assert_array_equal(after_first['w'], initial['w'])  # No update mid-accumulation.
-  np.testing.assert_allclose(jax.device_get(state_acc.params)['w'],
-                             jax.device_get(state_big.params)['w'], rtol=1e-6)
-  np.testing.assert_allclose(jax.device_get(state_acc.ema_params)['w'],
-                             jax.device_get(state_big.ema_params)['w'], rtol=1e-6)
-  assert int(state_acc.step) == 2 and int(state_big.step) == 1
+    if i % 2 == 0:  # Mid-accumulation: no update, and the EMA keeps its bits.
+      after = jax.device_get((state_acc.params, state_acc.ema_params))
+      for was, now in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(now, was)
+  for whole in wholes:
+    state_big, _ = step_big(state_big, parallel.shard_batch(whole, mesh))
+  for name in ('params', 'ema_params'):
+    np.testing.assert_allclose(jax.device_get(getattr(state_acc, name))['w'],
+                               jax.device_get(getattr(state_big, name))['w'], rtol=1e-6,
+                               err_msg=name)
+  assert int(state_acc.step) == 8 and int(state_big.step) == 4
+
+
+def _random_draw_loss(params, batch, rng):
+  loss, _ = _toy_loss(params, batch, rng)
+  return loss, {'draw': jax.random.uniform(rng)}
+
+
+def test_each_step_draws_from_a_key_of_its_own():
+  state, step, mesh = _toy_setup(accumulate=1, loss_fn=_random_draw_loss)
+  key, draws = state.rng, []
+  for batch in _toy_batches(3, 4):
+    key, step_key = jax.random.split(key)
+    state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    assert float(metrics['draw']) == float(jax.random.uniform(step_key))
+    draws.append(float(metrics['draw']))
+  assert len(set(draws)) == 3

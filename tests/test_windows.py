@@ -78,7 +78,8 @@ def _reference_val_mask(n_episodes, val_ratio, seed):
 
 
 @pytest.mark.parametrize('n, ratio, n_val', [(200, 0.02, 4), (100, 0.02, 2), (50, 0.02, 1),
-                                             (3, 0.02, 1), (2, 0.9, 1), (10, 0.0, 0)])
+                                             (3, 0.02, 1), (2, 0.9, 1), (10, 0.0, 0),
+                                             (9, 0.3, 3), (30, 0.05, 2), (7, 0.5, 4)])
 def test_split_sizes_and_reference_selection(n, ratio, n_val):
   train, val = windows.split_episodes(n, ratio, seed=42)
   assert len(val) == n_val and len(train) == n - n_val
