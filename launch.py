@@ -47,8 +47,8 @@ def _initialize_distribution() -> None:
     if _NUM_PROCESSES.value < 1:
       raise app.UsageError(f'--num_processes={_NUM_PROCESSES.value}: expected >= 1')
     if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-      raise app.UsageError(f'--process_id={_PROCESS_ID.value}: expected 0 … --num_processes − 1 '
-                           f'= {_NUM_PROCESSES.value - 1}')
+      raise app.UsageError(f'--process_id={_PROCESS_ID.value}: expected 0 … --num_processes '
+                           f'− 1 = {_NUM_PROCESSES.value - 1}')
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)

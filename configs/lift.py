@@ -185,10 +185,10 @@ def _cpu(config):
 
   Sized by the costs measured on a 2-core CPU when it was chosen (the code has become faster
   since: README's speed table): 150 demos (8.3 min to generate at 18 demos/min); ResNet width 16
-  and a 4-layer 128-wide transformer (then 447–674 ms per batch-64 step on the two CPUs measured,
-  vs 3.8–4.3 s for the paper network; 236–257 ms vs 1.26–1.34 s on the Zen 5 VM of 2026-12-01);
-  batch 32 and 20 epochs (4,820 steps at ~3.3 steps/s then, 24 min); a higher learning rate for the short schedule; lighter attention dropout for
-  the smaller model; DDIM-16 sampling for rollouts (for one policy DDPM-100 gave 0.60 on 30 test
+  and a 4-layer 128-wide transformer (then 447–674 ms per batch-64 step on the two CPUs
+  measured, vs 3.8–4.3 s for the paper network; 236–257 ms vs 1.26–1.34 s on the Zen 5 VM of
+  2026-12-01); batch 32 and 20 epochs (4,820 steps at ~3.3 steps/s then, 24 min); a higher
+  learning rate for the short schedule; lighter attention dropout for the smaller model; DDIM-16 sampling for rollouts (for one policy DDPM-100 gave 0.60 on 30 test
   episodes vs 0.56 with DDIM-16 on 50, at 3× the policy time). A rollout mid-way and at the end
   (each 50 episodes costs 2.5–5 min). What decided the numbers: the demos matter most — with
   labels free of the expert's noise, the gripper held top-down and fumbled first grasps that show

@@ -182,11 +182,10 @@ def _prepare_dataset(config, shape_meta: ShapeMeta, data_dir: str,
     leftovers += atomic_write.temporary_files(hdf5_path)
   _remove_leftovers(sorted(leftovers), log)
 
+  # A file of the user's (dataset_path) is only read: RobomimicFile names it if it is missing
+  # or not a dataset.
   generation_stats = None
-  if not generated:
-    if not os.path.isfile(hdf5_path):
-      raise FileNotFoundError(f'config.data.dataset_path={data.dataset_path!r}: no such file')
-  elif not os.path.exists(hdf5_path):
+  if generated and not os.path.exists(hdf5_path):
     workers = data.num_gen_workers or os.cpu_count() or 1
     log(f'Generating {data.num_demos} Lift demos (seed {data.demo_seed}, '
         f'{data.image_size}px, {workers} workers) -> {hdf5_path}')
@@ -194,7 +193,7 @@ def _prepare_dataset(config, shape_meta: ShapeMeta, data_dir: str,
                                                num_workers=workers,
                                                image_size=data.image_size, progress=True)
     log(f'Demo generation: {generation_stats}')
-  else:
+  elif generated:
     found = len(RobomimicFile(hdf5_path).demo_names())
     if found != data.num_demos:
       raise InputError(

@@ -14,8 +14,8 @@ the speed- or sampling-only fields may change, except switches that change the o
 state's layout (accumulation, clipping, weight decay on/off) and fewer epochs than trained.
 Nothing is written to the workdir (config.json, metrics, TensorBoard) until the run is known to
 go ahead, so a refused run leaves it as it was. Rerunning a finished run trains nothing and
-keeps its summary.json. A diverged run (non-finite
-loss, validation loss, action MSE or parameters) stops without saving.
+keeps its summary.json. A diverged run (non-finite loss, validation loss, action MSE or
+parameters) stops without saving.
 
 Workdir after a run:
   config.json             the resolved config
