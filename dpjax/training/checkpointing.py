@@ -60,24 +60,32 @@ def _normalizer_from_dict(data: dict, shape_meta: ShapeMeta, source: str) -> Nor
   return Normalizer.from_json(json.dumps(data), shape_meta, source=source)
 
 
-class _DropUnretrievedTaskErrors(logging.Filter):
-  """orbax reads a checkpoint's arrays as concurrent asyncio tasks: when the files are damaged,
-  the first failure is raised (and reported as one message by the callers) while every other
-  task's failure is logged by asyncio as a traceback of its own."""
+class _DropMessages(logging.Filter):
+  def __init__(self, prefix: str):
+    super().__init__()
+    self._prefix = prefix
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith('Task exception was never retrieved')
+    return not record.getMessage().startswith(self._prefix)
 
 
 @contextlib.contextmanager
-def _one_error_per_failed_read() -> Iterator[None]:
-  asyncio_logger = logging.getLogger('asyncio')
-  log_filter = _DropUnretrievedTaskErrors()
-  asyncio_logger.addFilter(log_filter)
+def _without_messages(logger_name: str, prefix: str) -> Iterator[None]:
+  """Drops `logger_name`'s records that start with `prefix` while the block runs."""
+  logger = logging.getLogger(logger_name)
+  log_filter = _DropMessages(prefix)
+  logger.addFilter(log_filter)
   try:
     yield
   finally:
-    asyncio_logger.removeFilter(log_filter)
+    logger.removeFilter(log_filter)
+
+
+def _one_error_per_failed_read() -> contextlib.AbstractContextManager[None]:
+  """orbax reads a checkpoint's arrays as concurrent asyncio tasks: when the files are damaged,
+  the first failure is raised (and reported as one message by the callers) while every other
+  task's failure would be logged by asyncio as a traceback of its own."""
+  return _without_messages('asyncio', 'Task exception was never retrieved')
 
 
 def _saved_state_tree(step_dir: epath.Path) -> PyTree:
@@ -140,16 +148,18 @@ class Checkpointer:
     """
     step = int(jax.device_get(state.step))
     metrics = None if success_rate is None else {SUCCESS_METRIC: float(success_rate)}
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(dict(progress, step=step)),
-            config=ocp.args.JsonSave(config_to_dict(config)),
-            normalizer=ocp.args.JsonSave(_normalizer_to_dict(normalizer)),
-        ),
-        metrics=metrics,
-        force=True)
+    # Checkpoints without a rollout are meant to stay out of the top-k; orbax would warn at each.
+    with _without_messages('absl', 'Requested `tracked_metric`; did not provide metrics'):
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              progress=ocp.args.JsonSave(dict(progress, step=step)),
+              config=ocp.args.JsonSave(config_to_dict(config)),
+              normalizer=ocp.args.JsonSave(_normalizer_to_dict(normalizer)),
+          ),
+          metrics=metrics,
+          force=True)
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores (state, progress) from `step` (default: latest) onto `abstract_state`'s shardings.
