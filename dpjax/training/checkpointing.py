@@ -61,19 +61,19 @@ def _normalizer_from_dict(data: dict, shape_meta: ShapeMeta, source: str) -> Nor
 
 
 class _DropMessages(logging.Filter):
-  def __init__(self, prefix: str):
+  def __init__(self, prefixes: tuple[str, ...]):
     super().__init__()
-    self._prefix = prefix
+    self._prefixes = prefixes
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(self._prefix)
+    return not record.getMessage().startswith(self._prefixes)
 
 
 @contextlib.contextmanager
-def _without_messages(logger_name: str, prefix: str) -> Iterator[None]:
-  """Drops `logger_name`'s records that start with `prefix` while the block runs."""
+def _without_messages(logger_name: str, *prefixes: str) -> Iterator[None]:
+  """Drops `logger_name`'s records that start with one of `prefixes` while the block runs."""
   logger = logging.getLogger(logger_name)
-  log_filter = _DropMessages(prefix)
+  log_filter = _DropMessages(prefixes)
   logger.addFilter(log_filter)
   try:
     yield
@@ -93,7 +93,9 @@ def _saved_state_tree(step_dir: epath.Path) -> PyTree:
   state_dir = step_dir / 'state'
   if not state_dir.is_dir():
     raise FileNotFoundError(f'{state_dir} does not exist')
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  # The step's _CHECKPOINT_METADATA is one level up, where the manager wrote it.
+  with (ocp.PyTreeCheckpointer() as checkpointer,
+        _without_messages('absl', 'Metadata file does not exist')):
     metadata = checkpointer.metadata(state_dir).item_metadata
   if metadata is None:  # orbax logs why and returns nothing.
     raise ValueError(f'orbax cannot read the array metadata of {state_dir} (files missing or '
@@ -331,9 +333,12 @@ def _load_checkpoint(path: epath.Path):
   manager_dir, step = _resolve_checkpoint(path)
   if not manager_dir.is_dir():
     raise FileNotFoundError(f'{path}: no such policy export, workdir or checkpoint directory')
-  options = ocp.CheckpointManagerOptions(read_only=True)
-  with ocp.CheckpointManager(manager_dir, options=options,
-                             item_names=('state', 'progress', 'config', 'normalizer')) as manager:
+  # Stated, not left to orbax to override with a warning each; read-only is the point.
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  with (_without_messages('absl', 'Given directory is read only'),
+        ocp.CheckpointManager(manager_dir, options=options,
+                              item_names=('state', 'progress', 'config', 'normalizer'))
+        as manager):
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(
