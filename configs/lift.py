@@ -14,8 +14,9 @@ Variants (`--config configs/lift.py:VARIANT`):
 * ``cpu`` — sized to train on a 2-core laptop CPU in under an hour (see the departures listed
   in ``_cpu``).
     python launch.py --config configs/lift.py:cpu
-  Measured (2-core CPU): 40 min 34 s end to end; test success at the end 0.94 (47/50, seed 42)
-  and 0.90 (45/50, seed 1), half-way 0.94 and 0.98; README "Results" lists every run. With
+  Measured (2-core CPU, 2026-12-02): 24 min 48 s end to end, demo generation included; test
+  success at the end 0.84 (42/50, seed 42) and 0.92 (46/50, seed 1), 0.90 over 200 episodes
+  with a second sampling seed; README "Results" lists every run. With
   mixed precision on an AVX512-BF16 CPU (add ``--config.model.compute_dtype=bfloat16``):
   17 min 27 s with the demos already generated, 0.94 (47/50, seed 42).
 * ``smoke`` — about a minute on 2 cores, most of it demo generation and compilation: a tiny
