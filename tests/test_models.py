@@ -66,7 +66,8 @@ def _transformer_inputs(batch=2, horizon=10, input_dim=3, n_obs=2, cond_dim=5, s
 def _small_transformer_with_params(**overrides):
   model = _small_transformer(**overrides)
   sample, timestep, cond = _transformer_inputs(cond_dim=model.cond_dim)
-  params = _random_params(jax.eval_shape(model.init, jax.random.key(0), sample, timestep, cond))
+  tokens = sample[:, :model.horizon - model.first_step]
+  params = _random_params(jax.eval_shape(model.init, jax.random.key(0), tokens, timestep, cond))
   return model, params, (sample, timestep, cond)
 
 
@@ -124,6 +125,19 @@ def test_future_actions_and_late_obs_do_not_reach_earlier_outputs(train):
   # Memory mask: output token 0 must not see observation step 1 (condition token 2).
   assert dep_cond[0, 1] == 0.0
   assert dep_cond[0, 0] > 0.0 and np.all(dep_cond[1:] > 0.0)
+
+
+def test_executed_actions_only_see_every_observation_from_the_first():
+  """pred_action_steps_only: the 8 tokens are steps To − 1 … of the horizon, so the first one
+  (the action executed now) sees the newest observation; the tokens stay causal among
+  themselves."""
+  model, params, (sample, timestep, cond) = _small_transformer_with_params(first_step=1)
+  dep, dep_cond = _dependencies(model, params, (sample[:, :8], timestep, cond), False)
+  assert np.all(dep_cond > 0.0), 'an executed action ignores an observation'
+  causal = np.tril(np.ones((8, 8), bool))
+  assert np.all(dep[~causal] == 0.0) and np.all(dep[causal] > 0.0)
+  with pytest.raises(ValueError, match=r'T ≤ 9, 3\) \(horizon 10 from step 1'):
+    model.apply(params, sample, timestep, cond)
 
 
 def test_without_causal_attention_the_future_leaks():
@@ -796,16 +810,19 @@ def _cached_denoise_path(path, monkeypatch, cpu_kernels_switch):
 
 
 @pytest.mark.parametrize('path', ['cpu_kernels', 'xla_cpu', 'xla_gpu', 'pallas'])
-@pytest.mark.parametrize('obs_as_cond,causal_attn', [(True, True), (True, False),
-                                                      (False, True), (False, False)])
-def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkeypatch):
+@pytest.mark.parametrize('obs_as_cond,causal_attn,first_step', [
+    (True, True, 0), (True, False, 0), (False, True, 0), (False, False, 0),
+    (True, True, 1)])  # The last: the executed actions only (pred_action_steps_only).
+def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, first_step, path,
+                                          monkeypatch):
   """The sampler's step-invariant cache gives the module's own eval-mode outputs, through the
   CPU kernels, through the XLA ops other backends and dtypes use (in the forms XLA:CPU and
   XLA:GPU get), and through the GPU's Pallas kernels."""
   with _cached_denoise_path(path, monkeypatch, 'enabled') as sizes:
     model, params, (sample, _, cond) = _small_transformer_with_params(
         cond_dim=5 if obs_as_cond else 0, obs_as_cond=obs_as_cond, causal_attn=causal_attn,
-        **sizes)
+        first_step=first_step, **sizes)
+    sample = sample[:, :8] if first_step else sample
     timesteps = jnp.array([99, 57, 3, 0])
     apply = _jit_apply(model)
     constants = transformer_lib.decoder_constants(model, params['params'], timesteps)
@@ -820,6 +837,18 @@ def test_cached_denoise_equals_the_module(obs_as_cond, causal_attn, path, monkey
       expected = apply(params, sample, jnp.full((sample.shape[0],), t), cond, train=False)
       got = cached_denoise(params['params'], constants, obs_memory, sample, jnp.int32(step))
       np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_denoise_needs_the_observation_memory_of_an_observation_model():
+  model, params, (sample, _, cond) = _small_transformer_with_params(causal_attn=False)
+  constants = transformer_lib.decoder_constants(model, params['params'], jnp.array([3]))
+  with pytest.raises(ValueError, match='obs_as_cond=True takes the observation_memory'):
+    transformer_lib.cached_denoise(model, params['params'], constants, None, sample,
+                                   jnp.int32(0))
+  obs_memory = transformer_lib.observation_memory(model, params['params'], cond)
+  with pytest.raises(AssertionError):  # One per layer.
+    transformer_lib.cached_denoise(model, params['params'], constants, obs_memory[:1], sample,
+                                   jnp.int32(0))
 
 
 @pytest.mark.parametrize('n_emb,n_head,tokens,memory_rows,expected', [

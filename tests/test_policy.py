@@ -135,6 +135,20 @@ def test_predict_action_refuses_parameters_of_another_network():
       policy.predict_action(variables, obs, jax.random.key(0))
 
 
+def test_bare_parameters_are_refused_with_the_form_expected():
+  """A TrainState's ema_params are the inner tree: passed as they are, each entry point says
+  what to pass instead of failing on a missing key."""
+  policy, variables = _base_policy()
+  batch = _batch(policy.shape_meta, np.random.default_rng(1))
+  message = r'variables must be \{"params": \.\.\.\}.*got a mapping of \[.noise_model., .obs_enc'
+  with pytest.raises(ValueError, match='predict_action: ' + message):
+    policy.predict_action(variables['params'], batch['obs'], jax.random.key(0))
+  with pytest.raises(ValueError, match='sampling_variables: ' + message):
+    policy.sampling_variables(variables['params'])
+  with pytest.raises(ValueError, match='compute_loss: ' + message):
+    policy.compute_loss(variables['params'], batch, jax.random.key(0))
+
+
 def test_predict_action_rejects_short_history():
   policy, variables = _base_policy()
   obs = _batch(policy.shape_meta, np.random.default_rng(1), n_obs_steps=1)['obs']
@@ -277,6 +291,8 @@ def test_other_modes_run(overrides):
   if overrides.get('pred_action_steps_only'):
     assert actions.shape == (BATCH, 8, 7)
     np.testing.assert_array_equal(out['action'], actions)
+    # Its tokens are steps To − 1 … of the horizon, for the masks.
+    assert policy.network.noise_model.first_step == policy.n_obs_steps - 1
   else:
     # Inpainting: the noise model's tokens are [actions, obs features].
     assert actions.shape == (BATCH, 10, 7)
@@ -326,8 +342,9 @@ def test_compute_loss_against_the_reference_formula(mode, prediction_type, monke
   np.testing.assert_array_equal(seen['input_t'], seen['t'])
   free = np.ones(seen['x0'].shape, bool)
   if mode == 'inpainting':
-    free[:, :to, da:] = False  # The observation features of the first To steps: conditioned.
+    free[..., da:] = False  # Conditioned: the features of the first To steps, zeros after.
     assert np.abs(seen['x0'][:, :to, da:]).max() > 0  # Features, not zeros.
+    np.testing.assert_array_equal(seen['x0'][:, to:, da:], 0.0)
   np.testing.assert_array_equal(seen['input'][~free], seen['x0'][~free])
   np.testing.assert_array_equal(seen['input'][free], seen['noisy'][free])
   target = seen['noise'] if prediction_type == 'epsilon' else seen['x0']
@@ -372,7 +389,7 @@ def test_sample_prediction_samples_the_predicted_trajectory(monkeypatch):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_inpainting_samples_condition_only_the_first_observation_steps(monkeypatch):
+def test_inpainting_samples_with_every_feature_entry_conditioned(monkeypatch):
   policy = _make_policy(_config(obs_as_cond=False, p_drop_attn=0.0))
   inputs = []
   _stand_in_denoiser(monkeypatch, np.zeros(policy.trajectory_shape), inputs)
@@ -382,10 +399,10 @@ def test_inpainting_samples_condition_only_the_first_observation_steps(monkeypat
   to, da = policy.n_obs_steps, policy.action_dim
   assert len(inputs) == policy.num_inference_steps
   first = inputs[0]
-  assert np.abs(first[:, :to, da:]).max() > 0  # The observation features...
-  for x in inputs:  # ... stay fixed, while the later steps' feature entries are sampled.
-    np.testing.assert_array_equal(x[:, :to, da:], first[:, :to, da:])
-  assert np.abs(first[:, to:, da:]).max() > 0.1
+  assert np.abs(first[:, :to, da:]).max() > 0  # The observation features, and zeros after
+  for x in inputs:  # them (as in training), stay fixed while the actions are sampled.
+    np.testing.assert_array_equal(x[..., da:], first[..., da:])
+    np.testing.assert_array_equal(x[:, to:, da:], 0.0)
 
 
 def test_a_longer_history_gives_the_actions_of_its_first_frames():

@@ -5,18 +5,20 @@ Mirrors the reference `DiffusionTransformerHybridImagePolicy` (SPEC §4–§6, �
 * observations are normalised in-graph (uint8 images → [−1, 1]) and only the first To frames
   are encoded, as one flat batch of B·To, into per-step features (B, To, D_obs);
 * `obs_as_cond=True`: the features condition the transformer through cross-attention;
-  `obs_as_cond=False`: they are inpainted into the trajectory [actions, features] on its first
-  To steps (condition mask), and the loss is masked to the free entries;
+  `obs_as_cond=False`: they are inpainted into the trajectory [actions, features] (condition
+  mask), and the loss is masked to the free entries, the actions;
 * `pred_action_steps_only`: the trajectory is the n_action_steps executed actions, starting at
   step To − 1, instead of the whole horizon.
 
 Two departures in the inpainting mode, because only To observation frames exist here (the data
 pipeline and the environment provide no more): the reference encodes all T frames, so its
 trajectory holds real features on steps ≥ To and its loss covers them, and its inference
-reshape fails with To < T frames. Here the feature entries of steps ≥ To are zeros and left
-out of the loss; they are free (generated) at sampling and discarded. The reference also
-detaches the features (its encoder gets no gradient in this mode); here the encoder trains
-through the inpainted entries, which are never loss targets, so features cannot collapse.
+reshape fails with To < T frames. Here the feature entries of steps ≥ To are conditioned on
+zeros, in training and in sampling alike: untrained, they would otherwise be generated from
+predictions no loss ever shaped, and reach the actions through the input embedding. The
+reference also detaches the features (its encoder gets no gradient in this mode); here the
+encoder trains through the inpainted entries, which are never loss targets, so features
+cannot collapse.
 
 Parameters: `{'params': {'obs_encoder': ..., 'noise_model': ...}}`.
 """
@@ -118,7 +120,8 @@ class DiffusionPolicy:
             time_as_cond=bool(model.time_as_cond),
             obs_as_cond=self.obs_as_cond,
             n_cond_layers=int(model.n_cond_layers),
-            dtype=dtype))
+            dtype=dtype,
+            first_step=self.n_obs_steps - 1 if self.pred_action_steps_only else 0))
 
     self.schedule = make_noise_schedule(diffusion.beta_schedule,
                                         int(diffusion.num_train_timesteps),
@@ -240,12 +243,13 @@ class DiffusionPolicy:
     return features.reshape(batch_size, to, -1)
 
   def _inpainting(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(condition_data (B, T, Da + D_obs), condition_mask (T, Da + D_obs)) for the features."""
+    """(condition_data (B, T, Da + D_obs), condition_mask (T, Da + D_obs)): every feature entry
+    is conditioned, on the features for the first To steps and on zeros after them."""
     batch_size, to, _ = features.shape
     data = jnp.zeros((batch_size,) + self.trajectory_shape, jnp.float32)
     data = data.at[:, :to, self.action_dim:].set(features.astype(jnp.float32))
     mask = np.zeros(self.trajectory_shape, bool)
-    mask[:to, self.action_dim:] = True
+    mask[:, self.action_dim:] = True
     return data, jnp.asarray(mask)
 
   def compute_loss(self, variables, batch: Mapping[str, Any], rng: jax.Array,
@@ -261,6 +265,7 @@ class DiffusionPolicy:
     Returns:
       (scalar loss, {'loss': loss}).
     """
+    _check_variables(variables, 'compute_loss')
     crop_rng, dropout_rng, noise_rng, t_rng = jax.random.split(rng, 4)
     action = batch[ACTION_KEY]
     chex.assert_shape(action, (None, self.horizon, self.action_dim))
@@ -281,8 +286,8 @@ class DiffusionPolicy:
     else:
       condition_data, condition_mask = self._inpainting(features)
       trajectory = condition_data.at[:, :, :self.action_dim].set(nactions)
-      # Feature entries are either conditioned (steps < To) or unobserved (steps ≥ To).
-      loss_mask = jnp.zeros(self.trajectory_shape, jnp.float32).at[:, :self.action_dim].set(1.0)
+      # The reference's rule: the loss covers what is not conditioned, here the actions.
+      loss_mask = jnp.logical_not(condition_mask).astype(jnp.float32)
 
     noise = jax.random.normal(noise_rng, trajectory.shape, jnp.float32)
     timesteps = jax.random.randint(t_rng, (batch_size,), 0, self.schedule.num_train_timesteps)
@@ -315,6 +320,7 @@ class DiffusionPolicy:
       T' = horizon (n_action_steps with pred_action_steps_only), and `action` is steps
       [To − 1, To − 1 + n_action_steps) of `action_pred`.
     """
+    _check_variables(variables, 'predict_action')
     obs = {spec.key: obs[spec.key] for spec in self.shape_meta.obs if spec.key in obs}
     for key in self.shape_meta.low_dim_keys:
       # Host arrays only: checking device arrays would wait for them.
@@ -336,6 +342,7 @@ class DiffusionPolicy:
     summation order) without that work per call: for repeated sampling with fixed parameters
     (evaluation rollouts). It is for this policy's sampler settings only, and not for training.
     """
+    _check_variables(variables, 'sampling_variables')
     return self._sampling_variables_jit(variables)
 
   def _sampling_variables(self, variables) -> dict:
@@ -422,6 +429,15 @@ class DiffusionPolicy:
       start = self.n_obs_steps - 1
       action = action_pred[:, start:start + self.n_action_steps]
     return {'action': action, 'action_pred': action_pred}
+
+
+def _check_variables(variables, where: str) -> None:
+  if not isinstance(variables, Mapping) or 'params' not in variables:
+    got = (f'a mapping of {sorted(map(str, variables))}' if isinstance(variables, Mapping)
+           else type(variables).__name__)
+    raise ValueError(f'DiffusionPolicy.{where}: variables must be {{"params": ...}} as `init` '
+                     'returns them (a TrainState\'s parameters go in as {"params": '
+                     f'state.ema_params}}), got {got}')
 
 
 def _describe_timesteps(timesteps) -> str:

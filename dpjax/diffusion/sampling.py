@@ -38,9 +38,9 @@ def sample(denoise_fn: DenoiseFn,
            num_inference_steps: int,
            condition_data: Optional[jnp.ndarray] = None,
            condition_mask: Optional[jnp.ndarray] = None,
-           dtype=jnp.float32,
            **step_kwargs) -> jnp.ndarray:
-  """Runs the reverse process from N(0, I) and returns x0 of `shape`.
+  """Runs the reverse process from N(0, I) and returns x0 of `shape`, float32 (the network may
+  compute in lower precision; the trajectory does not).
 
   Randomness: `init_key, steps_key = split(rng)`; x_T ~ normal(init_key); the noise of step i is
   normal(split(steps_key, n)[i]) (skipped for deterministic DDIM, eta == 0).
@@ -55,7 +55,6 @@ def sample(denoise_fn: DenoiseFn,
     condition_data, condition_mask: optional, both of `shape`; where the mask is True the
       trajectory is overwritten by condition_data before every step and at the end
       (inpainting).
-    dtype: dtype of the trajectory (keep float32; the network may compute in lower precision).
     **step_kwargs: keyword arguments of `ddpm.ddpm_step` or `ddim.ddim_step`.
   """
   timesteps, prev_timesteps = inference_timesteps(sampler, schedule.num_train_timesteps,
@@ -64,7 +63,7 @@ def sample(denoise_fn: DenoiseFn,
     raise ValueError('sample: condition_data and condition_mask must be given together')
   if condition_mask is not None:
     chex.assert_shape((condition_data, condition_mask), shape)
-    condition_data = condition_data.astype(dtype)
+    condition_data = condition_data.astype(jnp.float32)
 
   def inpaint(x):
     if condition_mask is None:
@@ -85,10 +84,10 @@ def sample(denoise_fn: DenoiseFn,
     return x, None
 
   init_key, steps_key = jax.random.split(rng)
-  x = jax.random.normal(init_key, shape, dtype)
+  x = jax.random.normal(init_key, shape, jnp.float32)
   # All steps' noise at once, before the loop: the same draws, but the random-bit generator
   # (itself a loop) no longer runs inside every step.
-  noises = None if deterministic else jax.vmap(lambda key: jax.random.normal(key, shape, dtype))(
-      jax.random.split(steps_key, len(timesteps)))
+  draw = lambda key: jax.random.normal(key, shape, jnp.float32)
+  noises = None if deterministic else jax.vmap(draw)(jax.random.split(steps_key, len(timesteps)))
   x, _ = jax.lax.scan(body, x, (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), noises))
   return inpaint(x)

@@ -217,7 +217,11 @@ class TransformerForDiffusion(nn.Module):
   (B, n_obs_steps, cond_dim); obs_as_cond=False needs cond_dim = 0 and cond None (time is then
   the only condition token). time_as_cond=False selects the encoder-only mode and requires
   obs_as_cond=False, as in the reference. dtype is the compute dtype; parameters, softmax and
-  LayerNorm statistics stay float32 and the output is float32.
+  LayerNorm statistics stay float32 and the output is float32. first_step is the horizon step
+  of the sample's first token: n_obs_steps − 1 when only the executed actions are sampled
+  (pred_action_steps_only), so that the causal masks are those steps' rows of the horizon's
+  masks (the first executed action sees every observation); positional embeddings are taken
+  from the first rows, as the reference does.
   """
   input_dim: int
   output_dim: int
@@ -234,6 +238,7 @@ class TransformerForDiffusion(nn.Module):
   obs_as_cond: bool = True
   n_cond_layers: int = 0
   dtype: Any = jnp.float32
+  first_step: int = 0
 
   @property
   def num_tokens(self) -> int:
@@ -262,6 +267,9 @@ class TransformerForDiffusion(nn.Module):
     if not self.time_as_cond and self.obs_as_cond:
       raise ValueError(f'{where}: time_as_cond=False (encoder-only) cannot take observation '
                        'tokens; set obs_as_cond=False, as the reference requires')
+    if self.first_step and not self.time_as_cond:
+      raise ValueError(f'{where}: first_step={self.first_step} needs the decoder mode '
+                       '(time_as_cond=True), where only the executed actions can be sampled')
 
   @nn.compact
   def __call__(self, sample: jax.Array, timestep: Union[jax.Array, int, float],
@@ -280,14 +288,11 @@ class TransformerForDiffusion(nn.Module):
     drop = nn.Dropout(self.p_drop_emb, deterministic=not train)
     input_emb = Dense(self.n_emb, self.dtype, name='input_emb')(sample.astype(self.dtype))
     pos_emb = self.param('pos_emb', weight_init, (1, self.num_tokens, self.n_emb), jnp.float32)
-    self_mask, memory_mask = attention_masks(self.num_tokens, max(self.num_cond_tokens, 1))
-    if not self.causal_attn:
-      self_mask = memory_mask = None
 
     if not self.time_as_cond:
       x = jnp.concatenate([time_emb, input_emb], axis=1)
       x = drop(x + pos_emb[:, :t + 1].astype(self.dtype))
-      mask = None if self_mask is None else self_mask[:t + 1, :t + 1]
+      mask = attention_masks(t + 1, 0)[0] if self.causal_attn else None
       for i in range(self.n_layer):
         x = EncoderLayer(self.n_head, self.p_drop_attn, self.dtype, name=f'encoder_layers_{i}')(
             x, mask, train)
@@ -305,9 +310,7 @@ class TransformerForDiffusion(nn.Module):
       memory = self._condition_encoder(memory, train)
 
       x = drop(input_emb + pos_emb[:, :t].astype(self.dtype))
-      tgt_mask = None if self_mask is None else self_mask[:t, :t]
-      # The memory mask only exists when observation tokens follow time (reference).
-      mem_mask = memory_mask[:t] if memory_mask is not None and self.obs_as_cond else None
+      tgt_mask, mem_mask = decoder_masks(self, t)
       for i in range(self.n_layer):
         x = DecoderLayer(self.n_head, self.p_drop_attn, self.dtype, name=f'decoder_layers_{i}')(
             x, memory, tgt_mask, mem_mask, train)
@@ -326,10 +329,11 @@ class TransformerForDiffusion(nn.Module):
 
   def _check_inputs(self, sample: jax.Array, cond: Optional[jax.Array]) -> tuple[int, int]:
     where = 'TransformerForDiffusion'
+    tokens = self.horizon - self.first_step
     if sample.ndim != 3 or sample.shape[2] != self.input_dim or not (
-        1 <= sample.shape[1] <= self.horizon):
-      raise ValueError(f'{where}: sample must be (B, T ≤ {self.horizon}, {self.input_dim}), '
-                       f'got {sample.shape}')
+        1 <= sample.shape[1] <= tokens):
+      raise ValueError(f'{where}: sample must be (B, T ≤ {tokens}, {self.input_dim}) (horizon '
+                       f'{self.horizon} from step {self.first_step}), got {sample.shape}')
     b, t = sample.shape[:2]
     if self.obs_as_cond:
       expected = (b, self.n_obs_steps, self.cond_dim)
@@ -339,6 +343,22 @@ class TransformerForDiffusion(nn.Module):
     elif cond is not None:
       raise ValueError(f'{where}: obs_as_cond=False takes cond=None, got shape {cond.shape}')
     return b, t
+
+
+def decoder_masks(model: TransformerForDiffusion,
+                  tokens: int) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+  """The decoder's (self mask (t, t), memory mask (t, T_cond)) for `tokens` action tokens from
+  `model.first_step`; None where the model is not causal or the mask hides nothing."""
+  if not model.causal_attn:
+    return None, None
+  self_mask, memory_mask = attention_masks(model.num_tokens, model.num_cond_tokens)
+  rows = slice(model.first_step, model.first_step + tokens)
+  # The memory mask only exists when observation tokens follow time (reference). From step
+  # To − 1 on it hides nothing, and the GPU's decoder kernels take that as "no mask".
+  mem_mask = memory_mask[rows] if model.obs_as_cond else None
+  if mem_mask is not None and mem_mask.all():
+    mem_mask = None
+  return self_mask[rows, rows], mem_mask
 
 
 class CachedDecoderLayer(NamedTuple):
@@ -379,7 +399,7 @@ def _linear(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
   return x.astype(dtype) @ p['kernel'].astype(dtype) + p['bias'].astype(dtype)
 
 
-def _normalize(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
+def _apply_layer_norm(p: Mapping[str, jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
   """nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype) applied with its parameters `p`, statistics in
   float32. The variance is taken of the centred values (flax: E[x²] − E[x]²), a form XLA:GPU
   runs as one fused normalization kernel instead of two reductions and an elementwise pass."""
@@ -448,11 +468,11 @@ def _folded_memory(model: TransformerForDiffusion, params: Mapping[str, Any],
                                     model.n_head, model.dtype) for i in range(model.n_layer))
 
 
-def _attend_folded(y: jax.Array, shared: jax.Array, own: jax.Array, out_bias: jax.Array,
+def _attend_folded(y: jax.Array, time_row: jax.Array, obs_rows: jax.Array, out_bias: jax.Array,
                    num_heads: int, mask: Optional[np.ndarray]) -> jax.Array:
   """Cross-attention of normalized queries y (B, T, E) on `fold_cross_attention` rows — the
-  shared (time) row (H (2E + 1),), then each sequence's own rows (B, S1, H (2E + 1)) — with the
-  out-projection bias → (B, T, E) float32.
+  time row shared by the batch (H (2E + 1),), then each sequence's observation rows
+  (B, S1, H (2E + 1)) — with the out-projection bias → (B, T, E) float32.
 
   Score, value and offset columns are each gathered on their own, as a select between the time
   row and the observation rows shifted down by one: XLA:GPU fuses a step's gathers, all layers',
@@ -460,15 +480,15 @@ def _attend_folded(y: jax.Array, shared: jax.Array, own: jax.Array, out_bias: ja
   whole rows copied the columns out again)."""
   b = y.shape[0]
   he = num_heads * y.shape[-1]
-  is_time_row = (jnp.arange(1 + own.shape[1]) == 0)[None, :, None]
-  below_time_row = jnp.pad(own, ((0, 0), (1, 0), (0, 0)))
+  is_time_row = (jnp.arange(1 + obs_rows.shape[1]) == 0)[None, :, None]
+  below_time_row = jnp.pad(obs_rows, ((0, 0), (1, 0), (0, 0)))
 
   def columns(start, stop):  # (B, 1 + S1, stop − start)
-    return jnp.where(is_time_row, shared[start:stop], below_time_row[..., start:stop])
+    return jnp.where(is_time_row, time_row[start:stop], below_time_row[..., start:stop])
 
   score = columns(0, he).reshape(b, -1, num_heads, y.shape[-1])
   value = columns(he, 2 * he).reshape(score.shape)
-  offset = columns(2 * he, shared.shape[-1])
+  offset = columns(2 * he, time_row.shape[-1])
   logits = jnp.einsum('bte,bshe->bhts', y.astype(jnp.float32), score) + jnp.moveaxis(
       offset, 1, 2)[:, :, None, :]
   if mask is not None:
@@ -583,13 +603,17 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
   """
   chex.assert_rank(sample, 3)
   b, t = sample.shape[:2]
+  if (obs_memory is None) == model.obs_as_cond:
+    # Without it the observation rows would silently be none (or fail in a kernel's mask).
+    raise ValueError(f'cached_denoise: obs_as_cond={model.obs_as_cond} takes '
+                     f'{"the observation_memory of its cond" if model.obs_as_cond else "None"} '
+                     'as obs_memory')
   if obs_memory is not None:
+    chex.assert_equal(len(obs_memory), len(constants.layers))
     for rows in obs_memory:
       chex.assert_axis_dimension(rows, 0, b)
   dtype, h = model.dtype, model.n_head
-  self_mask, memory_mask = attention_masks(model.num_tokens, model.num_cond_tokens)
-  tgt_mask = self_mask[:t, :t] if model.causal_attn else None
-  mem_mask = memory_mask[:t] if model.causal_attn and model.obs_as_cond else None
+  tgt_mask, mem_mask = decoder_masks(model, t)
 
   if cpu_kernels.enabled(jnp.float32):
     # The attention and LayerNorm kernels compute in float32: under mixed precision, on
@@ -601,14 +625,14 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
       attended = cpu_kernels.attention(f32(q), f32(k), f32(v), h, tgt_mask).astype(dtype)
       return cpu_kernels.dense(layer.self_out, attended)
 
-    def normalize(p, x):
+    def layer_norm(p, x):
       return cpu_kernels.layer_norm(f32(x), p['scale'], p['bias'], LAYER_NORM_EPS).astype(dtype)
   else:
 
     def self_attention(layer, y):
       return _self_attention(layer.self_qkv, layer.self_out, y, h, tgt_mask, dtype)
 
-    normalize = functools.partial(_normalize, dtype=dtype)
+    layer_norm = functools.partial(_apply_layer_norm, dtype=dtype)
 
   x = cpu_kernels.dense(constants.input_emb, sample) + params['pos_emb'][:, :t].astype(dtype)
   layer_params = [params[f'decoder_layers_{i}'] for i in range(len(constants.layers))]
@@ -622,27 +646,29 @@ def cached_denoise(model: TransformerForDiffusion, params: Mapping[str, Any],
         x, step, constants.time_memory, obs_memory, model.num_cond_tokens - 1,
         layer_params, constants.layers, h, tgt_mask is not None, mem_mask is not None,
         LAYER_NORM_EPS)
-    x = normalize(params['ln_f'], x)
+    x = layer_norm(params['ln_f'], x)
     return cpu_kernels.dense(constants.head, x).astype(jnp.float32)
   time_memory = constants.time_memory[step]
   if obs_memory is None:
     obs_memory = (jnp.zeros((b, 0, time_memory.shape[-1])),) * len(constants.layers)
+  layers = list(zip(layer_params, constants.layers, time_memory, obs_memory))
   if _on_layer_kernel(constants.layers):
     # Float32 between the kernel's layers (bfloat16 numbers in bfloat16): no conversions.
     x = x.astype(jnp.float32)
-    for p, dense, shared, own in zip(layer_params, constants.layers, time_memory, obs_memory):
-      x = cpu_kernels.decoder_layer(x, shared[None], own, [p['norm1'], p['norm2'], p['norm3']],
-                                    dense, p['multihead_attn']['out_proj']['bias'], h,
-                                    tgt_mask, mem_mask, LAYER_NORM_EPS)
+    for p, dense, time_row, obs_rows in layers:
+      x = cpu_kernels.decoder_layer(x, time_row[None], obs_rows,
+                                    [p['norm1'], p['norm2'], p['norm3']], dense,
+                                    p['multihead_attn']['out_proj']['bias'], h, tgt_mask,
+                                    mem_mask, LAYER_NORM_EPS)
     x = x.astype(dtype)
   else:
-    for p, dense, shared, own in zip(layer_params, constants.layers, time_memory, obs_memory):
-      x = x + self_attention(dense, normalize(p['norm1'], x))
-      y = normalize(p['norm2'], x)
-      x = x + _attend_folded(y, shared, own, p['multihead_attn']['out_proj']['bias'], h,
+    for p, dense, time_row, obs_rows in layers:
+      x = x + self_attention(dense, layer_norm(p['norm1'], x))
+      y = layer_norm(p['norm2'], x)
+      x = x + _attend_folded(y, time_row, obs_rows, p['multihead_attn']['out_proj']['bias'], h,
                              mem_mask).astype(dtype)
-      y = normalize(p['norm3'], x)
+      y = layer_norm(p['norm3'], x)
       hidden = jax.nn.gelu(cpu_kernels.dense(dense.ffn_in, y), approximate=False)
       x = x + cpu_kernels.dense(dense.ffn_out, hidden)
-  x = normalize(params['ln_f'], x)
+  x = layer_norm(params['ln_f'], x)
   return cpu_kernels.dense(constants.head, x).astype(jnp.float32)
