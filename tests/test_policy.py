@@ -149,6 +149,15 @@ def test_bare_parameters_are_refused_with_the_form_expected():
     policy.compute_loss(variables['params'], batch, jax.random.key(0))
 
 
+def test_compute_loss_refuses_observations_and_actions_of_other_windows():
+  policy, variables = _base_policy()
+  batch = _batch(policy.shape_meta, np.random.default_rng(1))
+  batch['action'] = batch['action'][:-1]
+  with pytest.raises(ValueError, match=r'batch\["obs"\]\[.agentview_image.\] has 4 rows, '
+                     r'batch\["action"\] 3'):
+    policy.compute_loss(variables, batch, jax.random.key(0))
+
+
 def test_predict_action_rejects_short_history():
   policy, variables = _base_policy()
   obs = _batch(policy.shape_meta, np.random.default_rng(1), n_obs_steps=1)['obs']

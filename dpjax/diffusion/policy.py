@@ -270,9 +270,13 @@ class DiffusionPolicy:
     action = batch[ACTION_KEY]
     chex.assert_shape(action, (None, self.horizon, self.action_dim))
     batch_size = action.shape[0]
+    for spec in self.shape_meta.obs:
+      rows = batch['obs'][spec.key].shape[0] if spec.key in batch['obs'] else batch_size
+      if rows != batch_size:
+        raise ValueError(f'DiffusionPolicy.compute_loss: batch["obs"][{spec.key!r}] has {rows} '
+                         f'rows, batch["action"] {batch_size}; they must be the same windows')
     nactions = self.normalizer.normalize(ACTION_KEY, action)
     features = self._encode_obs(variables, batch['obs'], train, crop_rng if train else None)
-    chex.assert_axis_dimension(features, 0, batch_size)
 
     cond = None
     if self.obs_as_cond:
