@@ -47,23 +47,31 @@ def checkpoint_step(path: str) -> int | None:
   return None
 
 
-def default_output_dir(source: str) -> str:
+def _seed_suffix(seed: int) -> str:
+  """Another seed's results go to a folder of their own, not over seed 0's."""
+  return '' if seed == 0 else f'_seed{seed}'
+
+
+def default_output_dir(source: str, seed: int = 0) -> str:
   """Where an evaluation of `source` goes without --output_dir: in the workdir, beside what
   training manages rather than inside it (the next export replaces the policy folder wholesale,
   and orbax deletes a step's folder when it prunes the step).
 
   runs/X -> runs/X/eval; runs/X/checkpoints -> runs/X/eval (its latest step);
-  runs/X/checkpoints/400 -> runs/X/eval_step_400; runs/X/policy -> runs/X/eval_policy.
+  runs/X/checkpoints/400 -> runs/X/eval_step_400; runs/X/policy -> runs/X/eval_policy;
+  with a sampling seed other than 0, `_seed<N>` is appended (runs/X/eval_seed1).
   """
   path = os.path.abspath(source)
   parent, name = os.path.split(path)
   if name.isdigit():
-    return os.path.join(os.path.dirname(parent), f'eval_step_{name}')
-  if name == checkpointing.CHECKPOINTS_DIR:
-    return os.path.join(parent, 'eval')
-  if checkpointing.is_policy_export(path):
-    return os.path.join(parent, f'eval_{name}')
-  return os.path.join(path, 'eval')
+    folder, name = os.path.dirname(parent), f'eval_step_{name}'
+  elif name == checkpointing.CHECKPOINTS_DIR:
+    folder, name = parent, 'eval'
+  elif checkpointing.is_policy_export(path):
+    folder, name = parent, f'eval_{name}'
+  else:
+    folder, name = path, 'eval'
+  return os.path.join(folder, name + _seed_suffix(seed))
 
 
 def _positive_int(text: str) -> int:
@@ -99,7 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help='actions executed per prediction (default: the checkpoint\'s)')
   parser.add_argument('--output_dir', help='default: in the run\'s workdir, eval/ (latest '
                       'checkpoint), eval_step_<N>/ or eval_policy/; runs/eval_expert for the '
-                      'expert. An earlier evaluation there is replaced')
+                      'expert; with a --seed other than 0, _seed<N> appended (eval_seed1/). An '
+                      'earlier evaluation there is replaced')
   parser.add_argument('--no_cameras', action='store_true',
                       help='expert only: skip rendering (it reads privileged state); no videos')
   parser.add_argument('--seed', type=int, default=0, help='sampling noise / expert style seed')
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                 dataset_path=args.dataset_path, video_episodes=args.video_episodes,
                 progress=not args.no_progress)
   if args.policy == 'expert':
-    output_dir = os.path.abspath(args.output_dir or os.path.join('runs', 'eval_expert'))
+    output_dir = os.path.abspath(
+        args.output_dir or os.path.join('runs', 'eval_expert' + _seed_suffix(args.seed)))
     _make_output_dir(output_dir)
     config = lift.get_config(args.config_variant)
     step = None
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         video_dir=None if args.no_cameras else os.path.join(output_dir, 'videos'), **common)
   else:
     source = args.workdir or args.checkpoint
-    output_dir = os.path.abspath(args.output_dir or default_output_dir(source))
+    output_dir = os.path.abspath(args.output_dir or default_output_dir(source, args.seed))
     config, policy, variables = checkpointing.load_policy(source)
     _make_output_dir(output_dir)
     step = checkpoint_step(source)
@@ -149,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_inference_steps=args.num_inference_steps, n_action_steps=args.n_action_steps,
         video_dir=os.path.join(output_dir, 'videos'), **common)
   result['source'] = None if args.policy == 'expert' else os.path.abspath(source)
+  # The runner takes a key (policy) or a style seed (expert) and records neither.
+  result['settings']['seed'] = args.seed
   print(runner.format_summary(result))
   path = runner.write_eval_json(os.path.join(output_dir, 'eval.json'), result,
                                 checkpoint_step=step, config_name=config.name)

@@ -1,6 +1,7 @@
 """scripts/eval.py's command line: where results go by default, and flags refused up front."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -27,6 +28,25 @@ def test_results_go_beside_what_training_replaces_or_prunes(eval_script, tmp_pat
               run / 'policy': run / 'eval_policy'}
   for source, output_dir in expected.items():
     assert eval_script.default_output_dir(str(source)) == str(output_dir), source
+
+
+def test_another_sampling_seed_does_not_overwrite_seed_0s_results(eval_script, tmp_path):
+  run = tmp_path / 'run'
+  (run / 'policy' / 'params').mkdir(parents=True)
+  (run / 'policy' / 'config.json').write_text('{}')
+  expected = {run: run / 'eval_seed1', run / 'checkpoints' / '400': run / 'eval_step_400_seed1',
+              run / 'policy': run / 'eval_policy_seed1'}
+  for source, output_dir in expected.items():
+    assert eval_script.default_output_dir(str(source), seed=1) == str(output_dir), source
+
+
+def test_eval_json_records_the_seed_and_its_default_folder_names_it(eval_script, tmp_path,
+                                                                    monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  eval_script.main(['--policy', 'expert', '--no_cameras', '--num_episodes', '1', '--num_envs',
+                    '1', '--seed', '3', '--no_progress'])
+  result = json.loads((tmp_path / 'runs' / 'eval_expert_seed3' / 'eval.json').read_text())
+  assert result['settings']['seed'] == 3
 
 
 @pytest.mark.parametrize('flag', ['--n_action_steps', '--num_inference_steps'])
