@@ -61,9 +61,27 @@ def _initialize_distribution() -> None:
                            '--process_id instead') from None
 
 
+def _config_file(argv: list[str]) -> str | None:
+  """The file that --config names in `argv` (the last one given, without its :VARIANT); None
+  where --config has no value on the command line."""
+  path = None
+  for i, arg in enumerate(argv[1:], 1):
+    name, has_value, value = arg.partition('=')
+    if name in ('--config', '-config'):
+      if not has_value:
+        value = argv[i + 1] if i + 1 < len(argv) else ''
+      path = value.split(':', 1)[0] or None
+  return path
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, and one message for an override that names no config field
-  (ml_collections raises a bare AttributeError there, which absl does not catch)."""
+  """absl's flag parsing, and one message for a missing config file (ml_collections keeps the
+  error until the config is first read, then raises it with a 30-line traceback) or for an
+  override that names no config field (ml_collections raises a bare AttributeError there, which
+  absl does not catch)."""
+  path = _config_file(argv)
+  if path is not None and not os.path.isfile(path):
+    sys.exit(f'error: {path}: no such config file')
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:

@@ -285,6 +285,20 @@ def test_an_override_naming_no_config_field_is_one_message(tmp_path):
                                  '"num_epoch"?')
 
 
+# Without overrides ml_collections raised the error when the config was first read; with them,
+# while parsing the flags.
+@pytest.mark.parametrize('flags', [['--config', 'configs/nope.py'],
+                                   ['--config=configs/nope.py:cpu',
+                                    '--config.training.num_epochs=5']])
+def test_a_missing_config_file_is_one_message(tmp_path, flags):
+  proc = subprocess.run(
+      [sys.executable, 'launch.py', *flags, f'--workdir={tmp_path / "run"}'],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == 'error: configs/nope.py: no such config file'
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--coordinator_address=localhost:1', '--num_processes=2', '--process_id=5'],
      '--process_id=5: expected 0 … --num_processes − 1 = 1'),
