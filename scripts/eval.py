@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help='exported policy dir, checkpoints dir or one checkpoint step dir')
   parser.add_argument('--policy', choices=('diffusion', 'expert'), default='diffusion',
                       help='"expert": the scripted expert through the same runner')
-  parser.add_argument('--config_variant', default='default',
-                      help=f'configs/lift.py variant for --policy expert {lift.VARIANTS}')
+  parser.add_argument('--config_variant', default='default', choices=lift.VARIANTS,
+                      help='configs/lift.py variant for --policy expert')
   parser.add_argument('--num_episodes', type=int, help='test episodes (default: config)')
   parser.add_argument('--num_train_episodes', type=int,
                       help='episodes from the first demos\' initial states (default: config)')

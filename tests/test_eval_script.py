@@ -61,3 +61,12 @@ def test_an_unwritable_output_folder_stops_before_any_episode(eval_script, tmp_p
   with pytest.raises(NotADirectoryError, match=r'a_file/eval'):
     eval_script.main(['--policy', 'expert', '--no_cameras', '--num_episodes', '1',
                       '--output_dir', str(tmp_path / 'a_file' / 'eval')])
+
+
+def test_an_unknown_config_variant_is_refused_before_any_folder_is_made(eval_script, tmp_path,
+                                                                        monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit):
+    eval_script.main(['--policy', 'expert', '--config_variant', 'foo'])
+  assert "--config_variant: invalid choice: 'foo'" in capsys.readouterr().err
+  assert not (tmp_path / 'runs').exists()
