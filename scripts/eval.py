@@ -152,12 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
     source = args.workdir or args.checkpoint
     output_dir = os.path.abspath(args.output_dir or default_output_dir(source, args.seed))
     config, policy, variables = checkpointing.load_policy(source)
+    # Before the output folder is made: a step count this checkpoint cannot take stops here.
+    policy = runner.with_sampling(policy, config, args.sampler, args.num_inference_steps,
+                                  args.n_action_steps)
     _make_output_dir(output_dir)
     step = checkpoint_step(source)
-    result = runner.evaluate_policy(
-        policy, variables, config, rng=jax.random.key(args.seed), sampler=args.sampler,
-        num_inference_steps=args.num_inference_steps, n_action_steps=args.n_action_steps,
-        video_dir=os.path.join(output_dir, 'videos'), **common)
+    result = runner.evaluate_policy(policy, variables, config, rng=jax.random.key(args.seed),
+                                    video_dir=os.path.join(output_dir, 'videos'), **common)
   result['source'] = None if args.policy == 'expert' else os.path.abspath(source)
   # The runner takes a key (policy) or a style seed (expert) and records neither.
   result['settings']['seed'] = args.seed

@@ -3,8 +3,18 @@
 import importlib.util
 import json
 import os
+import re
 
+import jax
 import pytest
+
+from configs import lift
+from dpjax.data.shape_meta import ShapeMeta
+from dpjax.diffusion.policy import DiffusionPolicy
+from dpjax.errors import InputError
+from dpjax.training import checkpointing
+# pylint: disable-next=g-bad-import-order
+from test_training_checkpointing import smoke_normalizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +64,31 @@ def test_zero_counts_are_refused_not_replaced_by_the_checkpoints(eval_script, fl
   with pytest.raises(SystemExit):
     eval_script.parse_args(['--workdir', 'runs/x', flag, '0'])
   assert f'{flag}: must be >= 1, got 0' in capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def smoke_export(tmp_path_factory):
+  """An exported smoke policy of untrained parameters: horizon 10, 2 observed steps, 10
+  diffusion steps."""
+  config = lift.get_config('smoke')
+  normalizer = smoke_normalizer(config)
+  shape_meta = ShapeMeta.from_config(config.task.shape_meta)
+  params = DiffusionPolicy(config, shape_meta, normalizer).init(jax.random.key(0))['params']
+  return checkpointing.export_policy(tmp_path_factory.mktemp('run') / 'policy',
+                                     ema_params=params, config=config, normalizer=normalizer)
+
+
+@pytest.mark.parametrize('flag, value, message', [
+    ('--n_action_steps', '100', 'n_action_steps=100: must be in [1, 9]'),
+    ('--num_inference_steps', '5000', 'num_inference_steps=5000: must be in [1, 10]'),
+])
+def test_step_counts_the_checkpoint_cannot_take_stop_before_any_folder_is_made(
+    eval_script, smoke_export, tmp_path, flag, value, message):
+  output_dir = tmp_path / 'eval'
+  with pytest.raises(InputError, match=re.escape(message)):
+    eval_script.main(['--checkpoint', str(smoke_export), flag, value,
+                      '--output_dir', str(output_dir)])
+  assert not output_dir.exists()
 
 
 def test_an_unwritable_output_folder_stops_before_any_episode(eval_script, tmp_path):

@@ -467,18 +467,14 @@ def evaluate_policy(policy, variables, config, *, rng: jax.Array,
   settings = resolve_settings(config, num_episodes=num_episodes, num_envs=num_envs,
                               seed_start=seed_start, num_train_episodes=num_train_episodes,
                               video_episodes=video_episodes)
-  sampler = policy.sampler if sampler is None else sampler
-  num_inference_steps = (policy.num_inference_steps if num_inference_steps is None
-                         else num_inference_steps)
-  n_action_steps = policy.n_action_steps if n_action_steps is None else n_action_steps
-  policy_fn = DiffusionPolicyFn(
-      with_sampling(policy, config, sampler, num_inference_steps, n_action_steps), variables)
+  policy = with_sampling(policy, config, sampler, num_inference_steps, n_action_steps)
+  policy_fn = DiffusionPolicyFn(policy, variables)
   return evaluate(policy_fn, config, rng=rng, n_obs_steps=policy_fn.n_obs_steps,
                   n_action_steps=policy_fn.n_action_steps, obs_keys=policy_fn.obs_keys,
                   settings=settings, dataset_path=dataset_path, video_dir=video_dir,
                   progress=progress,
-                  extra={'policy': 'diffusion', 'sampler': sampler,
-                         'num_inference_steps': num_inference_steps})
+                  extra={'policy': 'diffusion', 'sampler': policy.sampler,
+                         'num_inference_steps': policy.num_inference_steps})
 
 
 def evaluate_expert(config, *, seed: int = 0, num_episodes: int | None = None,
@@ -508,10 +504,24 @@ def evaluate_expert(config, *, seed: int = 0, num_episodes: int | None = None,
                   extra={'policy': 'expert', 'use_cameras': use_cameras})
 
 
-def with_sampling(policy, config, sampler: str, num_inference_steps: int,
-                  n_action_steps: int):
-  """`policy` itself when it already samples and executes this way, else an equivalent policy
-  (same network and parameters) that does."""
+def with_sampling(policy, config, sampler: str | None = None,
+                  num_inference_steps: int | None = None, n_action_steps: int | None = None):
+  """`policy` itself when it already samples and executes this way (None: as it does), else an
+  equivalent policy (same network and parameters) that does. A step count the policy cannot
+  take is an `InputError` (a command-line override, typically)."""
+  sampler = policy.sampler if sampler is None else sampler
+  num_inference_steps = (policy.num_inference_steps if num_inference_steps is None
+                         else num_inference_steps)
+  n_action_steps = policy.n_action_steps if n_action_steps is None else n_action_steps
+  num_train_timesteps = policy.schedule.num_train_timesteps
+  if not 1 <= num_inference_steps <= num_train_timesteps:
+    raise InputError(f'evaluation: num_inference_steps={num_inference_steps}: must be in [1, '
+                     f'{num_train_timesteps}], the policy\'s diffusion.num_train_timesteps')
+  most_actions = policy.horizon - policy.n_obs_steps + 1
+  if not 1 <= n_action_steps <= most_actions:
+    raise InputError(f'evaluation: n_action_steps={n_action_steps}: must be in [1, '
+                     f'{most_actions}]: the executed actions start at step n_obs_steps - 1 = '
+                     f'{policy.n_obs_steps - 1} of the policy\'s horizon of {policy.horizon}')
   if (sampler, num_inference_steps, n_action_steps) == (
       policy.sampler, policy.num_inference_steps, policy.n_action_steps):
     return policy
