@@ -40,6 +40,7 @@ from dpjax.atomic_write import write_text_atomic
 from dpjax.data.normalizer import Normalizer
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.policy import DiffusionPolicy, PolicyNetwork
+from dpjax.errors import report_user_errors
 from dpjax.models import cpu_kernels, pallas_decoder
 import trace_summary  # pylint: disable=g-import-not-at-top  # scripts/trace_summary.py
 
@@ -537,4 +538,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  main()
+  report_user_errors(main)()

@@ -22,7 +22,15 @@ import gzip
 import json
 import os
 import re
+import sys
+import zlib
 from typing import Any, Iterable
+
+# Runnable as a plain script from a checkout: the package lives one directory up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from dpjax.errors import InputError, report_user_errors
 
 TOP_KERNELS = 15
 _DEVICE_PROCESS = re.compile(r'^/device:')
@@ -33,6 +41,8 @@ def find_trace(path: str) -> str:
   """`path` itself if it is a file, else the newest perfetto_trace.json.gz below it."""
   if os.path.isfile(path):
     return path
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'trace_summary: {path}: no such file or directory')
   found = glob.glob(os.path.join(path, '**', 'perfetto_trace.json.gz'), recursive=True)
   if not found:
     raise FileNotFoundError(f'trace_summary: no perfetto_trace.json.gz below {path} (made by '
@@ -99,8 +109,13 @@ def summarize_events(events: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(path: str) -> dict[str, Any]:
   """The kernel summary of a perfetto_trace.json.gz (or the newest one below a directory)."""
   trace_file = find_trace(path)
-  with gzip.open(trace_file, 'rt') as f:
-    trace = json.load(f)
+  try:
+    with gzip.open(trace_file, 'rt') as f:
+      trace = json.load(f)
+  # Not gzip, cut short, corrupt, not text, not JSON.
+  except (gzip.BadGzipFile, EOFError, zlib.error, ValueError) as e:
+    raise InputError(f'trace_summary: {trace_file}: not a perfetto trace (gzipped JSON, such as '
+                     f'perfetto_trace.json.gz): {e}') from None
   events = trace.get('traceEvents', []) if isinstance(trace, dict) else trace
   return dict(summarize_events([e for e in events if isinstance(e, dict)]), file=trace_file)
 
@@ -114,4 +129,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  main()
+  report_user_errors(main)()

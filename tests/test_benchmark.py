@@ -87,6 +87,16 @@ def test_quick_benchmark_in_mixed_precision_with_traces(tmp_path):
     assert trace['file'].startswith(os.path.join('traces', name, '')), name
 
 
+def test_a_dataset_that_is_not_there_is_one_message(tmp_path):
+  missing = tmp_path / 'no_dataset'
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'),
+                         '--quick', '--only', 'pipeline', '--dataset', str(missing),
+                         '--output', str(tmp_path / 'bench.json')],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert str(missing) in proc.stderr and 'Traceback' not in proc.stderr
+
+
 _TCMALLOC = ctypes.util.find_library('tcmalloc_minimal')
 
 

@@ -3,12 +3,15 @@
 import gzip
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'scripts'))
+from dpjax.errors import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'scripts'))
 import trace_summary  # pylint: disable=g-import-not-at-top
 
 _METADATA = [
@@ -72,3 +75,23 @@ def test_summarize_reads_the_newest_trace_below_a_directory(tmp_path):
 def test_a_directory_without_a_trace_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     trace_summary.summarize(str(tmp_path))
+
+
+@pytest.mark.parametrize('name, message', [
+    ('nope', 'nope: no such file or directory'),
+    ('README.md', 'README.md: not a perfetto trace (gzipped JSON, such as '
+     "perfetto_trace.json.gz): Not a gzipped file (b'# ')"),
+])
+def test_a_missing_path_or_a_file_that_is_no_trace_is_one_message(name, message):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'trace_summary.py'),
+                         name], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == f'error: trace_summary: {message}'
+
+
+def test_a_gzipped_file_that_is_not_json_is_named(tmp_path):
+  path = tmp_path / 'trace.json.gz'
+  with gzip.open(path, 'wt') as f:
+    f.write('not json')
+  with pytest.raises(InputError, match=rf'{path}: not a perfetto trace'):
+    trace_summary.summarize(str(path))
