@@ -517,8 +517,20 @@ def main(argv=None) -> dict[str, Any]:
     parser.error(f'--only: unknown figure(s) {unknown}; choose from {FIGURES}')
   if not selected:
     parser.error(f'--only: no figure named; choose from {FIGURES}')
+  # Checked before the figures run: the pipeline figure reads --dataset, and --output is
+  # written, only after the others have run for many minutes.
+  if args.dataset and not os.path.isfile(os.path.join(args.dataset, 'dataset_info.json')):
+    parser.error(f'--dataset {args.dataset}: not a prepared TFDS dataset directory (no '
+                 'dataset_info.json); expected e.g. data/tfds/robomimic_rlds/<name>/1.0.0')
   if os.path.isdir(args.output):
     parser.error(f'--output {args.output}: is a folder; expected the path of the JSON file')
+  folder = os.path.dirname(os.path.abspath(args.output))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    parser.error(f'--output {args.output}: {folder} cannot be made a folder ({e.strerror})')
+  if not os.access(folder, os.W_OK):
+    parser.error(f'--output {args.output}: folder {folder} is not writable')
 
   benches = {'predict': bench_predict, 'train': bench_train, 'encoder': bench_encoder,
              'pipeline': bench_pipeline, 'env': bench_env, 'precision': bench_precision,

@@ -116,8 +116,13 @@ def test_host_allocator_names_the_preloaded_malloc():
     (['--only', ''], '--only: no figure named'),
     (['--only', 'predict,fly'], "--only: unknown figure(s) ['fly']"),
     (['--output', '.'], '--output .: is a folder'),
+    (['--output', 'README.md/bench.json'], f'--output README.md/bench.json: {REPO}/README.md '
+     'cannot be made a folder (File exists)'),
+    (['--dataset', 'no_dataset'], '--dataset no_dataset: not a prepared TFDS dataset directory'),
+    (['--dataset', 'docs'], '--dataset docs: not a prepared TFDS dataset directory'),
 ])
 def test_bad_flags_stop_before_any_figure_runs(monkeypatch, capsys, argv, message):
+  monkeypatch.chdir(REPO)
   monkeypatch.syspath_prepend(os.path.join(REPO, 'scripts'))
   import benchmark  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(benchmark, 'system_info', None)  # Reaching it would be a TypeError.
