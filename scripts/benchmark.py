@@ -1,6 +1,6 @@
 """Speed and memory of every hot path: sampling, the training step, the input pipeline, the envs.
 
-    python scripts/benchmark.py                       # all but torch_reference, full size
+    python scripts/benchmark.py                       # all but precision, torch_reference
     python scripts/benchmark.py --only predict,train  # a selection
     python scripts/benchmark.py --quick               # tiny sizes, seconds (run by the tests)
     python scripts/benchmark.py --only predict --compute-dtype bfloat16  # mixed precision
@@ -487,7 +487,8 @@ def peak_memory() -> dict[str, Any]:
 
 
 def main(argv=None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--only', default=','.join(DEFAULT_FIGURES),
                       help=f'comma-separated subset of {FIGURES} (default: {DEFAULT_FIGURES})')
   parser.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run')
@@ -496,16 +497,20 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--dataset', default=None,
                       help='prepared TFDS dataset dir for the pipeline figure (default: '
                       'synthetic in-memory episodes)')
-  parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'),
+  # Hyphens and underscores both: the config field and the other scripts' flags use underscores.
+  parser.add_argument('--compute-dtype', '--compute_dtype', default='float32',
+                      choices=('float32', 'bfloat16'),
                       help="the model's compute dtype (config.model.compute_dtype) for the "
                       'predict, train and encoder figures; parameters stay float32')
-  parser.add_argument('--pallas-decoder', action='store_true',
+  parser.add_argument('--pallas-decoder', '--pallas_decoder', action='store_true',
                       help='sample with config.model.pallas_decoder=True (its kernels run on a '
                       'single GPU; elsewhere sampling runs as without it)')
   parser.add_argument('--trace', default=None, metavar='DIR',
                       help='predict figures: also profile one call each, traces under DIR '
                       '(see scripts/trace_summary.py)')
-  parser.add_argument('--output', default='benchmark.json')
+  parser.add_argument('--output', default='benchmark.json',
+                      help='JSON file the report (also printed) is written to; default: '
+                      'benchmark.json')
   args = parser.parse_args(argv)
   if args.repeats is None:
     args.repeats = 2 if args.quick else 5

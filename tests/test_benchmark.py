@@ -131,6 +131,28 @@ def test_bad_flags_stop_before_any_figure_runs(monkeypatch, capsys, argv, messag
   assert message in capsys.readouterr().err
 
 
+def test_help_shows_the_usage_examples_and_every_flag(monkeypatch, capsys):
+  monkeypatch.syspath_prepend(os.path.join(REPO, 'scripts'))
+  import benchmark  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit):
+    benchmark.main(['--help'])
+  out = capsys.readouterr().out
+  assert 'python scripts/benchmark.py --only predict,train  # a selection' in out
+  assert '# all but precision, torch_reference' in out
+  assert 'JSON file the report (also printed) is written to' in out
+
+
+def test_flags_take_underscores_as_the_config_fields_do(monkeypatch, tmp_path):
+  monkeypatch.syspath_prepend(os.path.join(REPO, 'scripts'))
+  import benchmark  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(benchmark, 'bench_predict', lambda args: seen.append(args) or {})
+  report = benchmark.main(['--only', 'predict', '--compute_dtype', 'bfloat16',
+                           '--pallas_decoder', '--output', str(tmp_path / 'bench.json')])
+  assert report['compute_dtype'] == 'bfloat16'
+  assert (seen[0].compute_dtype, seen[0].pallas_decoder) == ('bfloat16', True)
+
+
 def test_a_failing_profiler_leaves_an_error_in_the_trace_not_a_crash(monkeypatch, tmp_path):
   monkeypatch.syspath_prepend(os.path.join(REPO, 'scripts'))
   import benchmark  # pylint: disable=g-import-not-at-top
