@@ -33,9 +33,15 @@ train: $(VENV)/.installed
 	$(RUN) launch.py --config $(CONFIG) $(ARGS)
 
 # tests/rendering runs in its own process: MuJoCo rendering crashes next to TensorFlow.
+# TESTS="tests/test_launch.py tests/test_x.py::test_y" runs those alone instead, in one pytest
+# run (ARGS still adds flags); name tests/rendering in a run of its own, for the same reason.
 test: $(VENV)/.installed-test
+ifeq ($(strip $(TESTS)),)
 	$(PYTEST) tests/rendering $(ARGS)
 	$(PYTEST) tests --ignore=tests/rendering $(ARGS)
+else
+	$(PYTEST) $(TESTS) $(ARGS)
+endif
 
 # The torch_reference figure needs requirements-test.txt.
 benchmark: $(VENV)/.installed-test
