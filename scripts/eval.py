@@ -82,22 +82,31 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  defaults = lift.get_config().eval
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  # One input under two names (README and older commands use both); `load_policy` tells the
+  # kinds of folder apart.
   source = parser.add_mutually_exclusive_group()
-  source.add_argument('--workdir', help='training run directory: its latest checkpoint')
-  source.add_argument('--checkpoint',
-                      help='exported policy dir, checkpoints dir or one checkpoint step dir')
+  source.add_argument('--workdir', metavar='DIR', help='what to evaluate: a training run directory (its latest '
+                      'checkpoint), its checkpoints dir, one checkpoint step dir or an exported '
+                      'policy dir; --checkpoint is another name for it')
+  source.add_argument('--checkpoint', metavar='DIR',
+                      help='the same input as --workdir, under another name')
   parser.add_argument('--policy', choices=('diffusion', 'expert'), default='diffusion',
                       help='"expert": the scripted expert through the same runner')
-  parser.add_argument('--config_variant', default='default', choices=lift.VARIANTS,
-                      help='configs/lift.py variant for --policy expert')
+  parser.add_argument('--config_variant', choices=lift.VARIANTS,
+                      help='configs/lift.py variant for --policy expert (default: default); a '
+                      'diffusion policy uses its checkpoint\'s config')
   parser.add_argument('--num_episodes', type=int, help='test episodes (default: config)')
   parser.add_argument('--num_train_episodes', type=int,
                       help='episodes from the first demos\' initial states (default: config)')
   parser.add_argument('--dataset_path', help='robomimic hdf5 for --num_train_episodes')
-  parser.add_argument('--num_envs', type=int, help='parallel envs; 0 = one per core')
-  parser.add_argument('--seed_start', type=int, help='seed of the first test episode')
+  parser.add_argument('--num_envs', type=int, help='parallel envs; 0 = one per core (default: '
+                      f'config, {defaults.num_envs} in configs/lift.py)')
+  parser.add_argument('--seed_start', type=int, help='seed of the first test episode (default: '
+                      f'config, {defaults.seed_start} in configs/lift.py: the test seeds of the '
+                      'README\'s results)')
   parser.add_argument('--video_episodes', type=int, help='test episodes to record (default: '
                       'config); 0 for none')
   parser.add_argument('--sampler', choices=('ddpm', 'ddim'), help='default: the checkpoint\'s')
@@ -111,7 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       'earlier evaluation there is replaced')
   parser.add_argument('--no_cameras', action='store_true',
                       help='expert only: skip rendering (it reads privileged state); no videos')
-  parser.add_argument('--seed', type=int, default=0, help='sampling noise / expert style seed')
+  parser.add_argument('--seed', type=int, default=0,
+                      help='sampling noise / expert style seed (default: %(default)s)')
   parser.add_argument('--no_progress', action='store_true', help='hide the progress bar')
   args = parser.parse_args(argv)
   if args.policy == 'diffusion' and not (args.workdir or args.checkpoint):
@@ -121,6 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   if args.policy == 'expert' and any(a is not None for a in diffusion_only):
     parser.error('--policy expert takes no --workdir/--checkpoint/--sampler/'
                  '--num_inference_steps/--n_action_steps')
+  if args.config_variant is not None and args.policy != 'expert':
+    parser.error('--config_variant is for --policy expert only (a diffusion policy runs with its '
+                 'checkpoint\'s config)')
   if args.no_cameras and args.policy != 'expert':
     parser.error('--no_cameras is for --policy expert only (the policy sees the cameras)')
   return args
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = os.path.abspath(
         args.output_dir or os.path.join('runs', 'eval_expert' + _seed_suffix(args.seed)))
     _make_output_dir(output_dir)
-    config = lift.get_config(args.config_variant)
+    config = lift.get_config(args.config_variant or 'default')
     step = None
     result = runner.evaluate_expert(
         config, seed=args.seed, use_cameras=not args.no_cameras,

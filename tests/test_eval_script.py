@@ -105,3 +105,20 @@ def test_an_unknown_config_variant_is_refused_before_any_folder_is_made(eval_scr
     eval_script.main(['--policy', 'expert', '--config_variant', 'foo'])
   assert "--config_variant: invalid choice: 'foo'" in capsys.readouterr().err
   assert not (tmp_path / 'runs').exists()
+
+
+def test_config_variant_is_refused_with_a_diffusion_policy(eval_script, capsys):
+  with pytest.raises(SystemExit):
+    eval_script.parse_args(['--workdir', 'runs/x', '--config_variant', 'cpu'])
+  assert '--config_variant is for --policy expert only' in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults_of_seeds_envs_and_variant(eval_script, capsys):
+  with pytest.raises(SystemExit):
+    eval_script.parse_args(['--help'])
+  text = ' '.join(capsys.readouterr().out.split())
+  defaults = lift.get_config().eval
+  for fragment in ['style seed (default: 0)', f'(default: config, {defaults.num_envs} in',
+                   f'(default: config, {defaults.seed_start} in', '--policy expert (default: '
+                   'default)', '--checkpoint is another name for it']:
+    assert fragment in text, fragment
