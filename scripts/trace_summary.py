@@ -1,9 +1,11 @@
 """What a device did during a profiled call: kernels, busy and idle time, the costliest kernels.
 
-    python scripts/trace_summary.py TRACE_DIR_OR_FILE   # a perfetto_trace.json.gz → JSON
+    python scripts/trace_summary.py TRACE_FILE  # one perfetto_trace.json.gz → its summary
+    python scripts/trace_summary.py TRACE_DIR   # every one below → {relative path: summary}
 
 `scripts/benchmark.py --trace DIR` traces one call of each `predict_action` figure with
-`jax.profiler.trace(DIR, create_perfetto_trace=True)` and stores this summary in the figure.
+`jax.profiler.trace(DIR/<figure>, create_perfetto_trace=True)` and stores the summary of the
+newest trace below DIR/<figure> in the figure; given DIR itself, this script summarises them all.
 Batch-1 sampling on a GPU is bound by how its ≈ 4,000–14,000 small kernels follow each other,
 not by their arithmetic (docs/performance.md): a call's time splits into the kernels' own
 durations (`busy_us`) and the gaps between them (`idle_us`, launch and dependency latency), which
@@ -37,17 +39,22 @@ _DEVICE_PROCESS = re.compile(r'^/device:')
 _STREAM_LINE = re.compile(r'^Stream\b')
 
 
+def _traces_below(directory: str) -> list[str]:
+  """Every perfetto_trace.json.gz below `directory`, sorted by path; at least one."""
+  if not os.path.exists(directory):
+    raise FileNotFoundError(f'trace_summary: {directory}: no such file or directory')
+  found = glob.glob(os.path.join(directory, '**', 'perfetto_trace.json.gz'), recursive=True)
+  if not found:
+    raise FileNotFoundError(f'trace_summary: no perfetto_trace.json.gz below {directory} (made '
+                            'by jax.profiler.trace(..., create_perfetto_trace=True))')
+  return sorted(found)
+
+
 def find_trace(path: str) -> str:
   """`path` itself if it is a file, else the newest perfetto_trace.json.gz below it."""
   if os.path.isfile(path):
     return path
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'trace_summary: {path}: no such file or directory')
-  found = glob.glob(os.path.join(path, '**', 'perfetto_trace.json.gz'), recursive=True)
-  if not found:
-    raise FileNotFoundError(f'trace_summary: no perfetto_trace.json.gz below {path} (made by '
-                            'jax.profiler.trace(..., create_perfetto_trace=True))')
-  return max(found, key=os.path.getmtime)
+  return max(_traces_below(path), key=os.path.getmtime)
 
 
 def _union_us(intervals: Iterable[tuple[float, float]]) -> float:
@@ -120,10 +127,19 @@ def summarize(path: str) -> dict[str, Any]:
   return dict(summarize_events([e for e in events if isinstance(e, dict)]), file=trace_file)
 
 
+def summarize_tree(directory: str) -> dict[str, dict[str, Any]]:
+  """The summary of every perfetto_trace.json.gz below `directory` (such as the root folder of
+  `benchmark.py --trace DIR`, one subfolder per figure), keyed by its path relative to it."""
+  return {os.path.relpath(path, directory): summarize(path)
+          for path in _traces_below(directory)}
+
+
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('path', help='a perfetto_trace.json.gz, or a directory holding one')
-  summary = summarize(parser.parse_args(argv).path)
+  parser.add_argument('path', help='a perfetto_trace.json.gz: its summary; a directory: '
+                      'the summary of every one below it, keyed by its relative path')
+  path = parser.parse_args(argv).path
+  summary = summarize_tree(path) if os.path.isdir(path) else summarize(path)
   print(json.dumps(summary, indent=2))
   return summary
 

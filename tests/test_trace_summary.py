@@ -39,6 +39,12 @@ _EVENTS = _METADATA + [
 ]
 
 
+def _write_trace(path, events):
+  path.parent.mkdir(parents=True)
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+
+
 def test_kernels_busy_and_idle_time_counted_by_hand():
   summary = trace_summary.summarize_events(_EVENTS)
   assert summary['kernels'] == 4
@@ -59,17 +65,28 @@ def test_a_trace_without_a_device_has_no_kernels():
   assert summary['top_kernels'] == [] and summary['lines'] == {}
 
 
-def test_summarize_reads_the_newest_trace_below_a_directory(tmp_path):
+def test_summarize_reads_the_newest_trace_below_a_directory_as_benchmark_asks(tmp_path):
   for age, (run, events) in enumerate((('2026_01_01', _METADATA), ('2026_01_02', _EVENTS))):
-    directory = tmp_path / 'plugins' / 'profile' / run
-    directory.mkdir(parents=True)
-    path = directory / 'perfetto_trace.json.gz'
-    with gzip.open(path, 'wt') as f:
-      json.dump({'traceEvents': events}, f)
+    path = tmp_path / 'plugins' / 'profile' / run / 'perfetto_trace.json.gz'
+    _write_trace(path, events)
     os.utime(path, (1e9 + age, 1e9 + age))
   summary = trace_summary.summarize(str(tmp_path))
   assert summary['kernels'] == 4 and summary['file'].endswith(
       os.path.join('2026_01_02', 'perfetto_trace.json.gz'))
+
+
+def test_the_command_summarises_every_trace_below_a_directory_and_one_file_alone(tmp_path,
+                                                                                 capsys):
+  # benchmark.py --trace DIR: one subfolder per figure, the profiler's folders below each.
+  relative = {figure: os.path.join(figure, 'plugins', 'profile', '2026_01_01',
+                                   'perfetto_trace.json.gz') for figure in ('b1', 'b8')}
+  _write_trace(tmp_path / relative['b1'], _EVENTS)
+  _write_trace(tmp_path / relative['b8'], _METADATA)
+  summaries = trace_summary.main([str(tmp_path)])
+  assert {name: s['kernels'] for name, s in summaries.items()} == {relative['b1']: 4,
+                                                                   relative['b8']: 0}
+  assert json.loads(capsys.readouterr().out) == summaries
+  assert trace_summary.main([str(tmp_path / relative['b1'])])['kernels'] == 4
 
 
 def test_a_directory_without_a_trace_is_named(tmp_path):
