@@ -60,14 +60,18 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float
   return statistics.median(times), times
 
 
+def _cost_flops(cost) -> float | None:
+  """The FLOPs of an XLA cost analysis (a list of one per program on older JAX); None for 0."""
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) or None
+
+
 def _compiled_stats(compiled) -> dict[str, Any]:
   """FLOPs and memory of one compiled program (None where the backend does not say)."""
   out: dict[str, Any] = {'flops': None, 'temp_bytes': None, 'argument_bytes': None,
                          'output_bytes': None}
   try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out['flops'] = float(cost.get('flops', 0.0)) or None
+    out['flops'] = _cost_flops(compiled.cost_analysis())
   except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
     pass
   try:
@@ -88,9 +92,8 @@ def _count_kernel_flops(stats: dict[str, Any], jitted, args: tuple, median_s: fl
     return
   with cpu_kernels.disabled():
     cost = jitted.lower(*args).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   stats['xla_program_flops'] = stats['flops']
-  stats['flops'] = float(cost.get('flops', 0.0)) or None
+  stats['flops'] = _cost_flops(cost)
   stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
 
 
@@ -110,41 +113,52 @@ def _traced_call(fn: Callable[[], Any], trace_dir: str) -> dict[str, Any]:
 
 
 def _timed_program(jitted, args: tuple, repeats: int, flops_args: tuple | None = None,
-                   trace_dir: str | None = None) -> dict[str, Any]:
+                   trace_dir: str | None = None, threads_state: bool = False) -> dict[str, Any]:
   """Compile time, then the median run time, FLOPs and achieved FLOP/s of `jitted(*args)`;
   `flops_args`: the same computation's arguments before packing for the kernels, if `args`
-  hold packed operands; `trace_dir`: also one profiled call (`_traced_call`)."""
+  hold packed operands; `trace_dir`: also one profiled call (`_traced_call`); `threads_state`:
+  `jitted` is a step `(state, *rest) -> (state, out)`, each call taking the state the one before
+  returned (a training step donates its state: the buffers passed in are gone after it)."""
   # Under the profiler XLA:GPU would run its CUDA graphs' kernels one launch at a time; the
   # traced call is to launch them as the timed calls do. (The option acts only while tracing.)
   options = {'xla_enable_command_buffers_during_profiling': True} if trace_dir else None
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile(options)
   compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(*args))
-  median_s, times = _median_time(lambda: compiled(*args), repeats)
+  current = list(args)
+
+  def call():
+    if not threads_state:
+      return compiled(*current)
+    current[0], out = compiled(*current)
+    return out
+
+  # The warm-up call's own time (first touch of its buffers) stays out of the timed ones.
+  jax.block_until_ready(call())
+  median_s, times = _median_time(call, repeats)
   stats = _compiled_stats(compiled)
   stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
-  _count_kernel_flops(stats, jitted, flops_args or args, median_s)
+  _count_kernel_flops(stats, jitted, flops_args or tuple(current), median_s)
   if trace_dir:
-    stats['trace'] = _traced_call(lambda: compiled(*args), trace_dir)
+    stats['trace'] = _traced_call(call, trace_dir)
   return dict(stats, compile_s=compile_s, median_s=median_s, times_s=times)
 
 
 def _synthetic_normalizer(shape_meta: ShapeMeta) -> Normalizer:
   """Stats of random data in the dataset's ranges: timing does not depend on their values."""
   rng = np.random.default_rng(0)
-  arrays = {s.key: (rng.integers(0, 256, (4,) + s.shape, dtype=np.uint8) if s.kind == 'rgb'
-                    else rng.uniform(-1, 1, (4,) + s.shape).astype(np.float32))
-            for s in shape_meta.obs}
+  arrays = _synthetic_obs(shape_meta, (4,), rng)
   arrays['action'] = rng.uniform(-1, 1, (4, shape_meta.action_dim)).astype(np.float32)
   return Normalizer.fit(arrays, shape_meta)
 
 
-def _synthetic_obs(shape_meta: ShapeMeta, batch: int, frames: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  return {s.key: (rng.integers(0, 256, (batch, frames) + s.shape, dtype=np.uint8)
-                  if s.kind == 'rgb' else
-                  rng.uniform(-1, 1, (batch, frames) + s.shape).astype(np.float32))
+def _synthetic_obs(shape_meta: ShapeMeta, leading: tuple[int, ...],
+                   seed: int | np.random.Generator = 0) -> dict[str, np.ndarray]:
+  """Random observations of shape `leading + s.shape`: images uint8 as the cameras give them,
+  low-dimensional keys in [-1, 1); `seed` may be a generator the caller draws more from."""
+  rng = np.random.default_rng(seed)  # A generator passes through unchanged.
+  return {s.key: (rng.integers(0, 256, leading + s.shape, dtype=np.uint8) if s.kind == 'rgb'
+                  else rng.uniform(-1, 1, leading + s.shape).astype(np.float32))
           for s in shape_meta.obs}
 
 
@@ -154,7 +168,7 @@ def _synthetic_batch(config, shape_meta: ShapeMeta, batch: int, seed: int = 0):
   meta = ShapeMeta(obs=tuple(
       s if s.kind != 'rgb' else type(s)(s.key, s.kind, crop + (3,)) for s in shape_meta.obs),
                    action_dim=shape_meta.action_dim)
-  obs = _synthetic_obs(meta, batch, int(config.task.n_obs_steps), seed)
+  obs = _synthetic_obs(meta, (batch, int(config.task.n_obs_steps)), seed)
   action = np.random.default_rng(seed).uniform(
       -1, 1, (batch, int(config.task.horizon), shape_meta.action_dim)).astype(np.float32)
   return {'obs': obs, 'action': action}
@@ -209,7 +223,7 @@ def bench_predict(args) -> dict[str, Any]:
     sampling_variables_s[f'{sampler}{steps}'] = time.perf_counter() - start
     jitted = policy.predict_action_jit
     for batch in batches:
-      obs = jax.device_put(_synthetic_obs(shape_meta, batch, int(cfg.task.n_obs_steps)))
+      obs = jax.device_put(_synthetic_obs(shape_meta, (batch, int(cfg.task.n_obs_steps))))
       key = jax.random.key(1)
       # At batch 1 also from the plain variables: the packing and the timestep table in
       # every call, as a caller that never makes sampling variables sees it.
@@ -270,26 +284,11 @@ def bench_train(args) -> dict[str, Any]:
       mesh = parallel.make_mesh(jax.devices()[:num_devices])
       state, step = _train_setup(policy, config, mesh, policy.init(jax.random.key(0))['params'],
                                  total_steps=1000)
-      batch = parallel.shard_batch(batch_np, mesh)
-      start = time.perf_counter()
-      compiled = step.lower(state, batch).compile()
-      compile_s = time.perf_counter() - start
-      # The warm-up step's own time (first touch of its buffers) stays out of the timed ones.
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times = []
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-      median_s = statistics.median(times)
-      stats = _compiled_stats(compiled)
-      stats['flops_per_s'] = stats['flops'] / median_s if stats['flops'] else None
-      _count_kernel_flops(stats, step, (state, batch), median_s)
+      timing = _timed_program(step, (state, parallel.shard_batch(batch_np, mesh)), args.repeats,
+                              threads_state=True)
       results[f'{variant}_devices{num_devices}'] = dict(
-          stats, compile_s=compile_s, median_s=median_s, times_s=times,
-          samples_per_s=batch_size / median_s, batch_size=batch_size, num_devices=num_devices)
+          timing, samples_per_s=batch_size / timing['median_s'], batch_size=batch_size,
+          num_devices=num_devices)
   return {'results': results}
 
 
@@ -358,10 +357,7 @@ def _synthetic_store(shape_meta: ShapeMeta, num_episodes: int, length: int):
   from dpjax.data.pipeline import EpisodeStore
   rng = np.random.default_rng(0)
   steps = num_episodes * length
-  obs = {s.key: tf.constant(rng.integers(0, 256, (steps,) + s.shape, dtype=np.uint8)
-                            if s.kind == 'rgb' else
-                            rng.uniform(-1, 1, (steps,) + s.shape).astype(np.float32))
-         for s in shape_meta.obs}
+  obs = {k: tf.constant(v) for k, v in _synthetic_obs(shape_meta, (steps,), rng).items()}
   actions = tf.constant(rng.uniform(-1, 1, (steps, shape_meta.action_dim)).astype(np.float32))
   lengths = np.full((num_episodes,), length, np.int64)
   return EpisodeStore(names=tuple(f'demo_{i}' for i in range(num_episodes)), lengths=lengths,

@@ -254,7 +254,7 @@ def count(target: str, quick: bool, compute_dtype: str, pallas: bool,
     variables = policy.init(jax.random.key(0))
     sampling_variables = jax.eval_shape(policy.sampling_variables, variables)
     for batch in (1, 2) if quick else (1, 28):
-      obs = benchmark._synthetic_obs(shape_meta, batch, int(config.task.n_obs_steps))  # pylint: disable=protected-access
+      obs = benchmark._synthetic_obs(shape_meta, (batch, int(config.task.n_obs_steps)))  # pylint: disable=protected-access
       args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           (sampling_variables, obs, jax.random.key(1)))
       with tempfile.TemporaryDirectory(prefix='gpu_kernels_') as dump:
