@@ -56,6 +56,13 @@ def test_unknown_variant_is_rejected():
     ('ema.max_value', 1.5, r'ema\.max_value=1\.5: expected a number in \[0\.0, 1\.0\]'),
     ('model.n_head', 3, r'model\.n_emb=256: must divide by model\.n_head=3'),
     ('model.obs_encoder_group_norm', False, r'obs_encoder_group_norm=False: must be True'),
+    # The network's own checks, before any data is generated: one line each, field named.
+    ('model.n_emb', 6, r'model\.n_emb=6: must divide by model\.n_head=4'),
+    ('model.resnet_width', 56, r'model\.resnet_width=56: stage 1 has 56 channels, which C // 16 '
+     r'GroupNorm groups do not divide'),
+    ('model.time_as_cond', False, r'model\.time_as_cond=False: False \(encoder-only\) takes no '
+     r'observation tokens: it needs model\.obs_as_cond=False'),
+    ('diffusion.ddim_eta', 1.5, r'diffusion\.ddim_eta=1\.5: must be <= 1'),
     ('training.gradient_accumulate_every', 0,
      r'training\.gradient_accumulate_every=0: expected an integer >= 1'),
     ('training.max_train_steps', -1, r'training\.max_train_steps=-1: expected an integer >= 1 '
@@ -78,6 +85,23 @@ def test_bad_values_are_rejected_with_the_field_named(field, value, message):
   config[group][name] = value
   with pytest.raises(ConfigError, match=message):
     check_config(config, num_devices=2, num_processes=1)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(n_emb=2, n_head=1), r'model\.n_emb=2: must be even and >= 4'),
+    (dict(pred_action_steps_only=True, obs_as_cond=False),
+     r'model\.pred_action_steps_only=True: needs model\.obs_as_cond=True'),
+    (dict(pallas_decoder=True, n_emb=64, n_head=8),
+     r'model\.pallas_decoder=True: needs the cached decoder .* n_emb=64, n_head=8'),
+])
+def test_model_combinations_the_network_refuses_are_refused_first(overrides, message):
+  config = lift.get_config()
+  config.model.update(overrides)
+  with pytest.raises(ConfigError, match=message):
+    check_config(config, num_devices=1, num_processes=1)
+  config = lift.get_config()
+  config.model.pallas_decoder = True  # The default sizes are the kernels'.
+  check_config(config, num_devices=1, num_processes=1)
 
 
 def test_run_seed_must_be_a_non_negative_integer():

@@ -166,18 +166,9 @@ class DiffusionPolicy:
     if self.pred_action_steps_only and not self.obs_as_cond:
       raise ValueError('config.model: pred_action_steps_only=True needs obs_as_cond=True (the '
                        'inpainting mode conditions on the first n_obs_steps of the full horizon)')
-    if self._pallas_decoder and not (
-        model.time_as_cond and model.n_cond_layers == 0 and pallas_decoder.fits(
-            int(model.n_emb), int(model.n_head), int(self.horizon),
-            1 + (self.n_obs_steps if self.obs_as_cond else 0))):
-      raise ValueError(
-          'config.model.pallas_decoder=True needs the cached decoder (time_as_cond=True, '
-          'n_cond_layers=0) and sizes its kernels take: n_emb ≥ 32 and n_emb / n_head ≥ 16, '
-          'powers of two, n_head · horizon and n_head · (1 + n_obs_steps) (each padded to a '
-          'power of two ≥ 16) ≤ min(n_emb, 128); got '
-          f'time_as_cond={model.time_as_cond}, n_cond_layers={model.n_cond_layers}, '
-          f'n_emb={model.n_emb}, n_head={model.n_head}, horizon={self.horizon}, '
-          f'n_obs_steps={self.n_obs_steps}')
+    problem = pallas_decoder_problem(model, self.horizon, self.n_obs_steps)
+    if self._pallas_decoder and problem:
+      raise ValueError(f'config.model.pallas_decoder=True {problem}')
     if self._pallas_decoder and not pallas_decoder.runs_here():
       logging.warning('config.model.pallas_decoder=True: the Pallas kernels run on a single GPU '
                       'only; sampling on %s × %d runs as without the option',
@@ -433,6 +424,21 @@ class DiffusionPolicy:
       start = self.n_obs_steps - 1
       action = action_pred[:, start:start + self.n_action_steps]
     return {'action': action, 'action_pred': action_pred}
+
+
+def pallas_decoder_problem(model: ml_collections.ConfigDict, horizon: int,
+                           n_obs_steps: int) -> str | None:
+  """Why `model` (config.model) cannot sample on the Pallas decoder's kernels, or None."""
+  memory_rows = 1 + (n_obs_steps if model.obs_as_cond else 0)
+  if (model.time_as_cond and model.n_cond_layers == 0 and pallas_decoder.fits(
+      int(model.n_emb), int(model.n_head), int(horizon), memory_rows)):
+    return None
+  return ('needs the cached decoder (time_as_cond=True, n_cond_layers=0) and sizes its '
+          'kernels take: n_emb ≥ 32 and n_emb / n_head ≥ 16, powers of two, n_head · horizon '
+          'and n_head · (1 + n_obs_steps) (each padded to a power of two ≥ 16) ≤ min(n_emb, '
+          f'128); got time_as_cond={model.time_as_cond}, n_cond_layers={model.n_cond_layers}, '
+          f'n_emb={model.n_emb}, n_head={model.n_head}, horizon={horizon}, '
+          f'n_obs_steps={n_obs_steps}')
 
 
 def _check_variables(variables, where: str) -> None:

@@ -12,9 +12,11 @@ import ml_collections
 
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.ddpm import PREDICTION_TYPES, VARIANCE_TYPES
+from dpjax.diffusion.policy import pallas_decoder_problem
 from dpjax.diffusion.sampling import SAMPLERS
 from dpjax.diffusion.schedules import BETA_SCHEDULES
 from dpjax.errors import InputError
+from dpjax.models.resnet import CHANNELS_PER_GROUP, group_norm_groups
 from dpjax.training.optimizer import LR_SCHEDULES
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -163,7 +165,8 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
     crop = config.data.crop_shape
     if (not isinstance(crop, (tuple, list)) or len(crop) != 2
         or not all(_is_int(v) and v > 0 for v in crop)):
-      c.fail('data.crop_shape', 'expected (height, width), two positive integers')
+      c.fail('data.crop_shape', 'expected (height, width), two positive integers; the image '
+             'size, e.g. (84, 84), for no crop')
       crop_ok = False
   if crop_ok and min(crop) < MIN_CROP:
     c.fail('data.crop_shape', f'sides must be >= {MIN_CROP}: ResNet-18 downsamples 32x, and '
@@ -183,13 +186,39 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
     if tuple(config.model.crop_shape) != tuple(config.data.crop_shape):
       c.fail('model.crop_shape', f'must equal data.crop_shape={tuple(config.data.crop_shape)}')
 
-  # Model.
-  if c.int_at_least('model.n_emb', 1) and c.int_at_least('model.n_head', 1):
-    if config.model.n_emb % config.model.n_head:
-      c.fail('model.n_emb', f'must divide by model.n_head={config.model.n_head}')
+  # Model: the network's own checks too, here before any data is generated.
+  sizes_ok = c.int_at_least('model.n_emb', 1) and c.int_at_least('model.n_head', 1)
+  if sizes_ok and config.model.n_emb % config.model.n_head:
+    c.fail('model.n_emb', f'must divide by model.n_head={config.model.n_head}')
+    sizes_ok = False
+  if sizes_ok and (config.model.n_emb % 2 or config.model.n_emb < 4):
+    c.fail('model.n_emb', 'must be even and >= 4: the sinusoidal time embedding has n_emb / 2 '
+           'frequencies')
+    sizes_ok = False
   c.int_at_least('model.n_layer', 1)
-  c.int_at_least('model.n_cond_layers', 0)
-  c.int_at_least('model.resnet_width', 1)
+  sizes_ok &= c.int_at_least('model.n_cond_layers', 0)
+  if c.int_at_least('model.resnet_width', 1):
+    for stage in range(4):
+      try:
+        group_norm_groups(config.model.resnet_width * 2**stage)
+      except ValueError:
+        c.fail('model.resnet_width', f'stage {stage + 1} has {config.model.resnet_width * 2**stage}'
+               f' channels, which C // {CHANNELS_PER_GROUP} GroupNorm groups do not divide; '
+               f'choose a multiple of {CHANNELS_PER_GROUP}, or at most {CHANNELS_PER_GROUP}')
+        break
+  modes_ok = all(c.present(f'model.{name}') for name in (
+      'time_as_cond', 'obs_as_cond', 'pred_action_steps_only'))
+  if modes_ok and not config.model.time_as_cond and config.model.obs_as_cond:
+    c.fail('model.time_as_cond', 'False (encoder-only) takes no observation tokens: it needs '
+           'model.obs_as_cond=False, as the reference requires')
+  if modes_ok and config.model.pred_action_steps_only and not config.model.obs_as_cond:
+    c.fail('model.pred_action_steps_only', 'needs model.obs_as_cond=True (the inpainting mode '
+           'conditions on the first n_obs_steps of the full horizon)')
+  if (modes_ok and sizes_ok and config.model.get('pallas_decoder')
+      and _is_int(config.task.get('horizon')) and _is_int(config.task.get('n_obs_steps'))):
+    problem = pallas_decoder_problem(config.model, config.task.horizon, config.task.n_obs_steps)
+    if problem:
+      c.fail('model.pallas_decoder', problem)
   c.int_at_least('model.num_keypoints', 1)
   c.int_at_least('model.image_feature_dim', 1)
   c.number_in('model.p_drop_emb', 0.0, 1.0, high_open=True)
@@ -213,7 +242,9 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
       and c.number_in('diffusion.beta_end', 0.0, 1.0, low_open=True, high_open=True)):
     if config.diffusion.beta_start >= config.diffusion.beta_end:
       c.fail('diffusion.beta_start', f'must be < diffusion.beta_end={config.diffusion.beta_end}')
-  c.number_in('diffusion.ddim_eta', 0.0, inf)
+  if c.number_in('diffusion.ddim_eta', 0.0, inf) and config.diffusion.ddim_eta > 1.0:
+    c.fail('diffusion.ddim_eta', 'must be <= 1 (0: deterministic DDIM, 1: DDPM-like noise); '
+           'above 1 the noise exceeds what a step can hold and the samples turn NaN')
 
   # Optimiser (SPEC §7).
   c.number_in('optimizer.lr', 0.0, inf, low_open=True)
