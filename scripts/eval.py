@@ -88,9 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   # One input under two names (README and older commands use both); `load_policy` tells the
   # kinds of folder apart.
   source = parser.add_mutually_exclusive_group()
-  source.add_argument('--workdir', metavar='DIR', help='what to evaluate: a training run directory (its latest '
-                      'checkpoint), its checkpoints dir, one checkpoint step dir or an exported '
-                      'policy dir; --checkpoint is another name for it')
+  source.add_argument('--workdir', metavar='DIR',
+                      help='what to evaluate: a training run directory (its latest checkpoint), '
+                      'its checkpoints dir, one checkpoint step dir or an exported policy dir; '
+                      '--checkpoint is another name for it')
   source.add_argument('--checkpoint', metavar='DIR',
                       help='the same input as --workdir, under another name')
   parser.add_argument('--policy', choices=('diffusion', 'expert'), default='diffusion',
