@@ -157,7 +157,10 @@ def test_train_crops_are_random_per_frame_and_val_crops_centred(dataset):
   train = list(pipeline.make_dataset(store, SHAPE_META, **_kwargs()))
   agent = _crop_offsets(train, 'agentview_image')
   hand = _crop_offsets(train, 'robot0_eye_in_hand_image')
-  assert all(0 <= r <= SIZE - CROP[0] and 0 <= c <= SIZE - CROP[1] for r, c in agent + hand)
+  # Corners in robomimic's range [0, SIZE − CROP), as the in-graph `crop_images` draws them:
+  # every one of them, and none beyond.
+  rows, cols = zip(*(agent + hand))
+  assert set(rows) == set(range(SIZE - CROP[0])) and set(cols) == set(range(SIZE - CROP[1]))
   assert len(set(agent)) > 10 and agent != hand
   first, second = np.array(agent).reshape(-1, TO, 2).transpose(1, 0, 2)
   # Frames of one window crop independently, in rows and in columns.

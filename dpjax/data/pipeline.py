@@ -278,12 +278,13 @@ def _crop_fn(image_shape: tuple[int, ...], crop_shape: tuple[int, int] | None, t
 
   def random_crop(frames, batch_number):
     # Stateless: offsets depend only on (crop_seed, batch number), never on thread timing.
-    # Each frame of each window gets its own offsets, as robomimic's CropRandomizer.
+    # Each frame of each window gets its own offsets, in robomimic's CropRandomizer range
+    # [0, H − ch) (its `(max * rand).long()`; 0 where nothing is cropped), as `crop_images`.
     seeds = tf.random.experimental.stateless_split(
         tf.stack([tf.constant(crop_seed, tf.int64), batch_number]), num=2)
     shape = tf.shape(frames)[:2]
-    top = tf.random.stateless_uniform(shape, seeds[0], 0, height - ch + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform(shape, seeds[1], 0, width - cw + 1, dtype=tf.int32)
+    top = tf.random.stateless_uniform(shape, seeds[0], 0, max(height - ch, 1), dtype=tf.int32)
+    left = tf.random.stateless_uniform(shape, seeds[1], 0, max(width - cw, 1), dtype=tf.int32)
     rows = top[..., None] + tf.range(ch, dtype=tf.int32)  # (B, To, ch)
     cols = left[..., None] + tf.range(cw, dtype=tf.int32)  # (B, To, cw)
     frames = tf.gather(frames, rows, axis=2, batch_dims=2)  # (B, To, ch, W, C)
