@@ -1,8 +1,10 @@
-"""configs/lift.py variants and the start-of-run validation (config_checks)."""
+"""configs/lift.py variants, the start-of-run validation (config_checks) and what a resume may
+change (resume_checks)."""
 
 import pytest
 
 from configs import lift
+from dpjax.training import checkpointing, resume_checks
 from dpjax.training.config_checks import ConfigError, check_config
 
 
@@ -126,3 +128,18 @@ def test_all_problems_are_reported_at_once():
     check_config(config)
   text = str(info.value)
   assert 'task.horizon=4' in text and "diffusion.sampler='x'" in text
+
+
+def test_another_accumulation_count_is_not_resumable():
+  """From 2 to 4 micro-batches per update: the EMA and LR schedule count updates as steps // k,
+  so the checkpoint's progress would be re-read with the wrong k (the on/off rule missed it)."""
+  saved, current = lift.get_config(), lift.get_config()
+  saved.training.gradient_accumulate_every = 2
+  current.training.gradient_accumulate_every = 4
+  differences = resume_checks.resume_differences(checkpointing.config_to_dict(saved),
+                                                 checkpointing.config_to_dict(current))
+  assert differences == [('training.gradient_accumulate_every', 2, 4)]
+  current.training.gradient_accumulate_every = 2
+  current.training.num_epochs = 200  # Training fields otherwise stay free.
+  assert not resume_checks.resume_differences(checkpointing.config_to_dict(saved),
+                                              checkpointing.config_to_dict(current))

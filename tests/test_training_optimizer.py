@@ -61,8 +61,11 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert float(schedule(step)) == pytest.approx(diffusers_cosine(step), rel=1e-5, abs=1e-12)
   assert float(schedule(10)) == pytest.approx(1e-4)  # Warmup end: the peak.
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)  # End: zero.
+  # diffusers' names: 'constant_with_warmup' warms up, 'constant' does not.
+  warmed = optimizer.make_lr_schedule(_optimizer_config(lr_schedule='constant_with_warmup'), total)
+  assert float(warmed(5)) == pytest.approx(5e-5) and float(warmed(90)) == pytest.approx(1e-4)
   constant = optimizer.make_lr_schedule(_optimizer_config(lr_schedule='constant'), total)
-  assert float(constant(5)) == pytest.approx(5e-5) and float(constant(90)) == pytest.approx(1e-4)
+  assert float(constant(0)) == pytest.approx(1e-4) and float(constant(90)) == pytest.approx(1e-4)
 
 
 def test_total_steps_follow_the_reference():
@@ -119,8 +122,8 @@ def _toy_loss(params, batch, rng):
 
 
 def _toy_setup(accumulate, lr_warmup_steps=0, loss_fn=_toy_loss, **optimizer_overrides):
-  config = _optimizer_config(lr=1e-2, lr_warmup_steps=lr_warmup_steps, lr_schedule='constant',
-                             **optimizer_overrides)
+  config = _optimizer_config(lr=1e-2, lr_warmup_steps=lr_warmup_steps,
+                             lr_schedule='constant_with_warmup', **optimizer_overrides)
   tx = optimizer.make_optimizer(config, 10, gradient_accumulate_every=accumulate,
                                 decay_groups=[(1e-3, lambda p: {'w': True, 'b': False})])
   mesh = parallel.make_mesh(jax.devices()[:1])

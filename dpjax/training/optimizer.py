@@ -12,7 +12,7 @@ import optax
 
 from dpjax.models import param_groups
 
-LR_SCHEDULES = ('cosine', 'linear', 'constant')
+LR_SCHEDULES = ('cosine', 'linear', 'constant', 'constant_with_warmup')
 
 # (weight decay rate, mask function params -> bool pytree) per group.
 DecayGroups = Sequence[tuple[float, Callable]]
@@ -23,11 +23,14 @@ def make_lr_schedule(optimizer_config: ml_collections.ConfigDict,
   """Learning rate per optimiser step, diffusers' `get_scheduler` semantics.
 
   Linear warmup from 0 to `lr` over `lr_warmup_steps`, then (cosine) half a cosine period down
-  to 0 at `total_steps`, (linear) a straight line to 0, or (constant) `lr`.
+  to 0 at `total_steps`, (linear) a straight line to 0, or (constant_with_warmup) `lr`;
+  (constant) `lr` from the first step, without warmup, as diffusers' 'constant'.
   """
   lr = float(optimizer_config.lr)
   warmup = int(optimizer_config.lr_warmup_steps)
   name = optimizer_config.lr_schedule
+  if name == 'constant':
+    return optax.constant_schedule(lr)
   # A run shorter than its warmup never leaves it; the decay part then only needs a length.
   total_steps = max(int(total_steps), warmup + 1)
   warmup_fn = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
@@ -35,7 +38,7 @@ def make_lr_schedule(optimizer_config: ml_collections.ConfigDict,
     decay_fn = optax.cosine_decay_schedule(lr, total_steps - warmup, alpha=0.0)
   elif name == 'linear':
     decay_fn = optax.linear_schedule(lr, 0.0, total_steps - warmup)
-  elif name == 'constant':
+  elif name == 'constant_with_warmup':
     decay_fn = optax.constant_schedule(lr)
   else:
     raise ValueError(f'optimizer.lr_schedule={name!r}: expected one of {LR_SCHEDULES}')

@@ -4,7 +4,8 @@ A resumed run must train the model its checkpoints hold on the data they were tr
 the config groups that define them (task, model, data, diffusion) must match the checkpoint's,
 except for fields that only tune speed or sampling (`RESUME_FREE`); training.*, eval.*,
 optimizer.*, ema.* and seed may change, except where a switch adds or removes optimiser-state
-arrays the checkpoint cannot fill (`RESUME_SWITCHES`). The demos must be the same, wherever they
+arrays the checkpoint cannot fill (`RESUME_SWITCHES`) and the accumulation count
+(`RESUME_FIXED`). The demos must be the same, wherever they
 are: the dataset digest a checkpoint records (`prepare.PreparedData.dataset_digest`) and the
 normaliser statistics must match.
 """
@@ -28,11 +29,13 @@ RESUME_FREE = frozenset({
     'diffusion.sampler', 'diffusion.num_inference_steps', 'diffusion.ddim_eta',
     'diffusion.variance_type', 'diffusion.clip_sample'})
 RESUME_SWITCHES = {
-    'training.gradient_accumulate_every': lambda v: v > 1,
     'optimizer.grad_clip_norm': bool,
     'optimizer.transformer_weight_decay': bool,
     'optimizer.obs_encoder_weight_decay': bool,
 }
+# The optimiser-update and EMA counts are the step count divided by it: another value would
+# restart the EMA's decay and move the LR schedule's position against its length.
+RESUME_FIXED = frozenset({'training.gradient_accumulate_every'})
 _ABSENT = object()
 
 
@@ -63,7 +66,8 @@ def resume_differences(saved_config: dict, config: dict) -> list[tuple[str, Any,
     old, new = saved.get(name, _ABSENT), current.get(name, _ABSENT)
     if (old, new) in ((_ABSENT, None), (None, _ABSENT)):  # A field added since, at its default.
       differs = False
-    elif name.split('.')[0] in RESUME_COMPARED and name not in RESUME_FREE:
+    elif (name.split('.')[0] in RESUME_COMPARED and name not in RESUME_FREE
+          or name in RESUME_FIXED):
       differs = old != new
     elif name in RESUME_SWITCHES and _ABSENT not in (old, new):
       differs = RESUME_SWITCHES[name](old) != RESUME_SWITCHES[name](new)

@@ -10,8 +10,9 @@ parameters; action MSE, rollouts and the exported policy use the EMA parameters.
 Resuming (config.training.resume, the default) continues from the workdir's latest checkpoint
 only if it was trained with this run's model, data and diffusion training fields on the same
 normaliser statistics (`resume_checks`); training.*, eval.*, optimizer.*, ema.*, seed and
-the speed- or sampling-only fields may change, except switches that change the optimiser
-state's layout (accumulation, clipping, weight decay on/off) and fewer epochs than trained.
+the speed- or sampling-only fields may change, except the accumulation count, switches that
+change the optimiser state's layout (clipping, weight decay on/off) and fewer epochs than
+trained.
 Nothing is written to the workdir (config.json, metrics, TensorBoard) until the run is known to
 go ahead, so a refused run leaves it as it was. Rerunning a finished run trains nothing and
 keeps its summary.json. A diverged run (non-finite loss, validation loss, action MSE or
