@@ -73,6 +73,22 @@ def test_a_record_cut_short_by_a_kill_is_skipped_and_later_records_stay_whole(tm
   assert f'{metrics.METRICS_FILE} line 2 is not a metrics record' in caplog.text
 
 
+def test_a_resumed_run_drops_what_its_predecessor_wrote_after_the_checkpoint(tmp_path):
+  """Steps 3 and 4 were logged, then the run died before checkpointing them: the run resuming
+  from step 2 logs them again, once each, and the curve never runs back in step."""
+  writer = metrics.MetricWriter(tmp_path, start_step=0)
+  for step in (1, 2, 3, 4):
+    writer.write(step, {'train/loss': 1.0 / step})
+  writer.close()
+  resumed = metrics.MetricWriter(tmp_path, start_step=2)
+  for step in (3, 4):
+    resumed.write(step, {'train/loss': 0.5 / step})
+  resumed.close()
+  records = metrics.read_metrics(tmp_path)
+  assert [(r['step'], r['train/loss']) for r in records] == [
+      (1, 1.0), (2, 0.5), (3, pytest.approx(0.5 / 3)), (4, 0.125)]
+
+
 def test_an_epoch_resumed_midway_averages_the_losses_before_the_resume(tmp_path):
   log = _step_log(tmp_path)
   log.start_epoch(1, 3, total=4, done=2, done_losses=[0.5, 0.25])

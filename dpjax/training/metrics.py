@@ -3,7 +3,8 @@
 Each `write` is one JSON line `{"step": s, "time": t, "name": value, ...}` (names like
 'train/loss', 'epoch/val_loss', 'rollout/test/success_rate') and the same scalars as TensorBoard
 summaries. Only process 0 writes; the others get a writer that does nothing, so the loop needs no
-branches. A resumed run appends to the same file.
+branches. A resumed run appends to the same file, after dropping what the run before it wrote
+past the checkpoint it resumes from (it measures those steps again).
 """
 
 import json
@@ -16,6 +17,8 @@ import numpy as np
 import tensorboardX
 from absl import logging
 
+from dpjax.atomic_write import write_text_atomic
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
@@ -23,16 +26,25 @@ TENSORBOARD_DIR = 'tensorboard'
 class MetricWriter:
   """Appends scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`."""
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+               start_step: int | None = None):
+    """`start_step`: the step training starts from (0, or a resumed checkpoint's); records of
+    later steps, written by a run killed after its last checkpoint, are dropped from both
+    outputs. None: everything there is kept."""
     self._enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, METRICS_FILE)
+    if start_step is not None and os.path.exists(path):
+      _drop_records_after(path, start_step)
     self._jsonl = open(path, 'a', encoding='utf-8')
     if _ends_mid_line(path):  # A run killed while writing: its last record stays on its own.
       self._jsonl.write('\n')
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    # TensorBoard hides the earlier events from purge_step on.
+    self._tb = tensorboardX.SummaryWriter(
+        os.path.join(workdir, TENSORBOARD_DIR),
+        purge_step=None if start_step is None else start_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Records `scalars` at `step`; non-finite values are written as JSON null."""
@@ -56,6 +68,25 @@ class MetricWriter:
       self._jsonl.close()
       self._tb.close()
       self._enabled = False
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = f.readlines()
+  kept = [line for line in lines if not _step_after(line, step)]
+  if len(kept) < len(lines):
+    logging.info('%s: %d records past step %d (after the checkpoint resumed from) dropped',
+                 path, len(lines) - len(kept), step)
+    write_text_atomic(path, ''.join(kept))
+
+
+def _step_after(line: str, step: int) -> bool:
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return False  # Not a record: `read_metrics` reports it.
+  return isinstance(record, dict) and isinstance(record.get('step'), int) and (
+      record['step'] > step)
 
 
 def _ends_mid_line(path: str) -> bool:

@@ -335,14 +335,15 @@ class _Loop:
           f'{self.checkpointer.step_dir(step)} cannot be restored ({root_cause(e)}); move it '
           f'out of {self.checkpointer.directory} to {then}') from None
 
-  def open_outputs(self) -> None:
-    """Writes config.json and opens the metric files: the run goes ahead."""
+  def open_outputs(self, start_step: int) -> None:
+    """Writes config.json and opens the metric files from `start_step`: the run goes ahead."""
     training = self.config.training
     if self.is_chief:
       os.makedirs(self.workdir, exist_ok=True)
       write_json_atomic(os.path.join(self.workdir, CONFIG_FILE),
                         checkpointing.config_to_dict(self.config))
-    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_chief)
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_chief,
+                                           start_step=start_step)
     self.step_log = StepLog(
         writer=self.writer, lr_schedule=self.lr_schedule, accumulate=self.accumulate,
         log_every=training.log_every_steps, global_batch_size=self.config.data.batch_size,
@@ -544,7 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       logging.info('%s already completed its %d epochs (step %d): nothing to train; %s kept',
                    loop.workdir, start_epoch, int(jax.device_get(state.step)), SUMMARY_FILE)
       return state
-    loop.open_outputs()
+    loop.open_outputs(int(jax.device_get(state.step)))
     logging.info('Training %s: %d epochs x %d batches of %d (%d per process) on %d devices, '
                  '%d optimizer steps; workdir %s', config.name, config.training.num_epochs,
                  loop.batches_per_epoch, config.data.batch_size, loop.local_batch_size,
