@@ -171,6 +171,20 @@ def test_train_crops_are_random_per_frame_and_val_crops_centred(dataset):
   _windows_of(val)
 
 
+def test_validation_leaves_out_a_fixed_random_few_windows_not_the_last_episode_tail(dataset):
+  *_, store = dataset
+  kwargs = _kwargs(split='val', val_ratio=0.5, batch_size=8)
+  passes = [_windows_of(pipeline.make_dataset(store, SHAPE_META, **kwargs)) for _ in range(2)]
+  assert passes[0] == passes[1]  # The same windows, in the same order, every epoch.
+  _, val_episodes = windows.split_episodes(len(LENGTHS), 0.5, 42)
+  in_order = [(int(ep), tuple(row)) for ep in val_episodes
+              for row in windows.window_indices(LENGTHS[ep], HORIZON, TO - 1,
+                                                N_ACTION - 1).tolist()]
+  assert len(in_order) % 8 and set(passes[0]) < set(in_order)
+  assert passes[0] != in_order[:len(passes[0])]  # Not the first ones in order...
+  assert set(in_order[len(passes[0]):]) - set(passes[0]) != set(in_order[len(passes[0]):])
+
+
 def test_same_seed_same_batches(dataset):
   *_, store = dataset
 
@@ -447,7 +461,8 @@ def test_real_robosuite_demos_round_trip_upright(tmp_path):
   val_episode = source[int(val_idx[0])]
   rows = windows.window_indices(val_episode.length, HORIZON, TO - 1, N_ACTION - 1)
   batch = next(batches)
-  for b in range(4):
-    np.testing.assert_array_equal(batch['action'][b], val_episode.actions[rows[b]])
+  for b in range(4):  # Validation windows come in one fixed permutation: find each by actions.
+    window = [r for r in rows if np.array_equal(batch['action'][b], val_episode.actions[r])]
+    assert window, f'batch row {b} is no window of the val episode'
     np.testing.assert_array_equal(batch['obs']['agentview_image'][b],
-                                  val_episode.obs['agentview_image'][rows[b, :TO]])
+                                  val_episode.obs['agentview_image'][window[0][:TO]])

@@ -320,8 +320,9 @@ def make_tf_dataset(source: Any, shape_meta: ShapeMeta, *, split: str, horizon: 
   shuffle_seed, crop_seed = _seeds(seed, process_index)
   # Interleaved host shards: each host sees windows from every episode, none twice.
   rows = np.arange(per_host * process_count, dtype=np.int64)[process_index::process_count]
-  if train:
-    rows = np.random.default_rng(shuffle_seed).permutation(rows)
+  # Validation too, once: full batches leave out the last windows, which in order would always
+  # be the tail of the last episode; permuted, they are a random few, the same every epoch.
+  rows = np.random.default_rng(shuffle_seed).permutation(rows)
 
   table_t = tf.constant(table, tf.int32)
   obs_t = {k: store.obs[k] for k in shape_meta.keys}
@@ -364,7 +365,8 @@ def make_dataset(source: Any, shape_meta: ShapeMeta, *, split: str, horizon: int
     source: an `EpisodeStore` (fastest: load once, share between splits), a TFDS builder
       from `build_rlds_dataset`, or a prepared dataset directory.
     shape_meta: observation keys to yield (a subset of the dataset's keys is fine).
-    split: 'train' (shuffled, random crops) or 'val' (in order, centre crops).
+    split: 'train' (shuffled every epoch, random crops) or 'val' (one fixed permutation,
+      centre crops).
     horizon, n_obs_steps, n_action_steps: window length T, observation frames To, executed
       actions; pad_before = To - 1, pad_after = n_action_steps - 1 (SPEC §2).
     batch_size: per-host batch size B.
