@@ -20,12 +20,17 @@ from dpjax.errors import report_user_errors
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--num_demos', type=int, default=200, help='successful demos to keep')
-  parser.add_argument('--seed', type=int, default=0, help='makes the whole file reproducible')
+  parser.add_argument('--num_demos', type=int, default=200,
+                      help='successful demos to keep (default: 200)')
+  parser.add_argument('--seed', type=int, default=0,
+                      help='makes the whole file reproducible (default: 0)')
   parser.add_argument('--output', required=True, help='hdf5 path (replaced atomically)')
   parser.add_argument('--num_workers', type=int, default=0,
-                      help='rendering processes; 0 = one per CPU core, 1 = in this process')
-  parser.add_argument('--image_size', type=int, default=84, help='camera image side in pixels')
+                      help='rendering processes; 0 = one per CPU core (default), 1 = in this '
+                      'process')
+  parser.add_argument('--image_size', type=int, default=84,
+                      help='camera image side in pixels (default: 84, the size configs/lift.py '
+                      'trains on)')
   parser.add_argument('--no_progress', action='store_true', help='hide the progress bar')
   args = parser.parse_args(argv)
   stats = demo_generation.generate_demos(
