@@ -281,7 +281,7 @@ def test_pallas_decoder_samples_the_same_actions():
 
 
 def test_pallas_decoder_needs_sizes_its_kernels_take():
-  with pytest.raises(ValueError, match=r'pallas_decoder=True needs .* n_emb=16, n_head=2'):
+  with pytest.raises(ValueError, match=r'pallas_decoder=True: needs .* n_emb=16, n_head=2'):
     _make_policy(_config(pallas_decoder=True))  # smoke: E / H = 8
 
 

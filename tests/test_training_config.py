@@ -60,9 +60,9 @@ def test_unknown_variant_is_rejected():
     ('model.obs_encoder_group_norm', False, r'obs_encoder_group_norm=False: must be True'),
     # The network's own checks, before any data is generated: one line each, field named.
     ('model.n_emb', 6, r'model\.n_emb=6: must divide by model\.n_head=4'),
-    ('model.resnet_width', 56, r'model\.resnet_width=56: stage 1 has 56 channels, which C // 16 '
-     r'GroupNorm groups do not divide'),
-    ('model.time_as_cond', False, r'model\.time_as_cond=False: False \(encoder-only\) takes no '
+    ('model.resnet_width', 56, r'model\.resnet_width=56: stage 1: .*56 channels cannot be '
+     r'split into 3 GroupNorm groups'),
+    ('model.time_as_cond', False, r'model\.time_as_cond=False: encoder-only mode takes no '
      r'observation tokens: it needs model\.obs_as_cond=False'),
     ('diffusion.ddim_eta', 1.5, r'diffusion\.ddim_eta=1\.5: must be <= 1'),
     ('training.gradient_accumulate_every', 0,

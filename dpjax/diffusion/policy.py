@@ -163,12 +163,8 @@ class DiffusionPolicy:
           f'config.task: the executed actions [n_obs_steps − 1, n_obs_steps − 1 + '
           f'n_action_steps) = [{self.n_obs_steps - 1}, '
           f'{self.n_obs_steps - 1 + self.n_action_steps}) must fit in horizon {self.horizon}')
-    if self.pred_action_steps_only and not self.obs_as_cond:
-      raise ValueError('config.model: pred_action_steps_only=True needs obs_as_cond=True (the '
-                       'inpainting mode conditions on the first n_obs_steps of the full horizon)')
-    problem = pallas_decoder_problem(model, self.horizon, self.n_obs_steps)
-    if self._pallas_decoder and problem:
-      raise ValueError(f'config.model.pallas_decoder=True {problem}')
+    for field, problem in model_problems(model, self.horizon, self.n_obs_steps)[:1]:
+      raise ValueError(f'config.model.{field}={model[field]}: {problem}')
     if self._pallas_decoder and not pallas_decoder.runs_here():
       logging.warning('config.model.pallas_decoder=True: the Pallas kernels run on a single GPU '
                       'only; sampling on %s × %d runs as without the option',
@@ -426,19 +422,29 @@ class DiffusionPolicy:
     return {'action': action, 'action_pred': action_pred}
 
 
-def pallas_decoder_problem(model: ml_collections.ConfigDict, horizon: int,
-                           n_obs_steps: int) -> str | None:
-  """Why `model` (config.model) cannot sample on the Pallas decoder's kernels, or None."""
+def model_problems(model: ml_collections.ConfigDict, horizon: int,
+                   n_obs_steps: int) -> list[tuple[str, str]]:
+  """(config.model field, why) for each combination of modes this policy cannot build; the
+  policy refuses the first, `config_checks.check_config` lists them all before any data."""
+  problems = []
+  if not model.time_as_cond and model.obs_as_cond:
+    problems.append(('time_as_cond', 'encoder-only mode takes no observation tokens: it needs '
+                     'model.obs_as_cond=False, as the reference requires'))
+  if model.pred_action_steps_only and not model.obs_as_cond:
+    problems.append(('pred_action_steps_only', 'needs model.obs_as_cond=True (the inpainting '
+                     'mode conditions on the first n_obs_steps of the full horizon)'))
   memory_rows = 1 + (n_obs_steps if model.obs_as_cond else 0)
-  if (model.time_as_cond and model.n_cond_layers == 0 and pallas_decoder.fits(
-      int(model.n_emb), int(model.n_head), int(horizon), memory_rows)):
-    return None
-  return ('needs the cached decoder (time_as_cond=True, n_cond_layers=0) and sizes its '
-          'kernels take: n_emb ≥ 32 and n_emb / n_head ≥ 16, powers of two, n_head · horizon '
-          'and n_head · (1 + n_obs_steps) (each padded to a power of two ≥ 16) ≤ min(n_emb, '
-          f'128); got time_as_cond={model.time_as_cond}, n_cond_layers={model.n_cond_layers}, '
-          f'n_emb={model.n_emb}, n_head={model.n_head}, horizon={horizon}, '
-          f'n_obs_steps={n_obs_steps}')
+  if model.get('pallas_decoder') and not (
+      model.time_as_cond and model.n_cond_layers == 0 and pallas_decoder.fits(
+          int(model.n_emb), int(model.n_head), int(horizon), memory_rows)):
+    problems.append(('pallas_decoder', 'needs the cached decoder (time_as_cond=True, '
+                     'n_cond_layers=0) and sizes its kernels take: n_emb ≥ 32 and n_emb / n_head '
+                     '≥ 16, powers of two, n_head · horizon and n_head · (1 + n_obs_steps) (each '
+                     'padded to a power of two ≥ 16) ≤ min(n_emb, 128); got time_as_cond='
+                     f'{model.time_as_cond}, n_cond_layers={model.n_cond_layers}, n_emb='
+                     f'{model.n_emb}, n_head={model.n_head}, horizon={horizon}, n_obs_steps='
+                     f'{n_obs_steps}'))
+  return problems
 
 
 def _check_variables(variables, where: str) -> None:

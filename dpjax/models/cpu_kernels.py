@@ -25,8 +25,8 @@ docs/performance.md has the measurements.
 where the float32 kernels are usable (`enabled(dtype)`: one CPU device, float32, built), k-pair
 panels for bfloat16 on a CPU with AVX512-BF16 (whose dot instruction runs 2.3x the float32 FMA
 rate here), the plain (K, N) kernel otherwise; `dense` runs any of them. The other entry points
-are for callers that checked `enabled` (`conv_supported` for convolutions); they have no autodiff rule
-of their own.
+are for callers that checked `enabled` (`conv_supported` for convolutions); they have no
+autodiff rule of their own.
 
 The sources are in csrc/, a file per kernel (`*.cc`, each defining its FFI handlers) and the
 pieces they share (`*.h`: thread pool, vector math, register blocks, AMX tiles). The shared

@@ -12,11 +12,11 @@ import ml_collections
 
 from dpjax.data.shape_meta import ShapeMeta
 from dpjax.diffusion.ddpm import PREDICTION_TYPES, VARIANCE_TYPES
-from dpjax.diffusion.policy import pallas_decoder_problem
+from dpjax.diffusion.policy import model_problems
 from dpjax.diffusion.sampling import SAMPLERS
 from dpjax.diffusion.schedules import BETA_SCHEDULES
 from dpjax.errors import InputError
-from dpjax.models.resnet import CHANNELS_PER_GROUP, group_norm_groups
+from dpjax.models.resnet import group_norm_groups
 from dpjax.training.optimizer import LR_SCHEDULES
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -198,27 +198,18 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
   c.int_at_least('model.n_layer', 1)
   sizes_ok &= c.int_at_least('model.n_cond_layers', 0)
   if c.int_at_least('model.resnet_width', 1):
-    for stage in range(4):
+    for stage in range(4):  # ResNet-18's stages double the channels.
       try:
         group_norm_groups(config.model.resnet_width * 2**stage)
-      except ValueError:
-        c.fail('model.resnet_width', f'stage {stage + 1} has {config.model.resnet_width * 2**stage}'
-               f' channels, which C // {CHANNELS_PER_GROUP} GroupNorm groups do not divide; '
-               f'choose a multiple of {CHANNELS_PER_GROUP}, or at most {CHANNELS_PER_GROUP}')
+      except ValueError as e:
+        c.fail('model.resnet_width', f'stage {stage + 1}: {e}')
         break
-  modes_ok = all(c.present(f'model.{name}') for name in (
+  if (sizes_ok and all(c.present(f'model.{name}') for name in (
       'time_as_cond', 'obs_as_cond', 'pred_action_steps_only'))
-  if modes_ok and not config.model.time_as_cond and config.model.obs_as_cond:
-    c.fail('model.time_as_cond', 'False (encoder-only) takes no observation tokens: it needs '
-           'model.obs_as_cond=False, as the reference requires')
-  if modes_ok and config.model.pred_action_steps_only and not config.model.obs_as_cond:
-    c.fail('model.pred_action_steps_only', 'needs model.obs_as_cond=True (the inpainting mode '
-           'conditions on the first n_obs_steps of the full horizon)')
-  if (modes_ok and sizes_ok and config.model.get('pallas_decoder')
       and _is_int(config.task.get('horizon')) and _is_int(config.task.get('n_obs_steps'))):
-    problem = pallas_decoder_problem(config.model, config.task.horizon, config.task.n_obs_steps)
-    if problem:
-      c.fail('model.pallas_decoder', problem)
+    for field, problem in model_problems(config.model, config.task.horizon,
+                                         config.task.n_obs_steps):
+      c.fail(f'model.{field}', problem)
   c.int_at_least('model.num_keypoints', 1)
   c.int_at_least('model.image_feature_dim', 1)
   c.number_in('model.p_drop_emb', 0.0, 1.0, high_open=True)

@@ -73,20 +73,22 @@ class MetricWriter:
 def _drop_records_after(path: str, step: int) -> None:
   with open(path, encoding='utf-8', errors='replace') as f:
     lines = f.readlines()
-  kept = [line for line in lines if not _step_after(line, step)]
+  records = [_parse_record(line) for line in lines]
+  # A line that is no record stays: `read_metrics` reports it.
+  kept = [line for line, record in zip(lines, records) if record is None or record['step'] <= step]
   if len(kept) < len(lines):
     logging.info('%s: %d records past step %d (after the checkpoint resumed from) dropped',
                  path, len(lines) - len(kept), step)
     write_text_atomic(path, ''.join(kept))
 
 
-def _step_after(line: str, step: int) -> bool:
+def _parse_record(line: str) -> dict | None:
+  """The metrics record on `line`, or None if it is none (e.g. cut short by a kill)."""
   try:
     record = json.loads(line)
   except ValueError:
-    return False  # Not a record: `read_metrics` reports it.
-  return isinstance(record, dict) and isinstance(record.get('step'), int) and (
-      record['step'] > step)
+    return None
+  return record if isinstance(record, dict) and isinstance(record.get('step'), int) else None
 
 
 def _ends_mid_line(path: str) -> bool:
@@ -109,11 +111,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
-      try:
-        record = json.loads(line)
-      except ValueError:
-        record = None
-      if isinstance(record, dict) and isinstance(record.get('step'), int):
+      record = _parse_record(line)
+      if record is not None:
         records.append(record)
       else:
         logging.warning('%s line %d is not a metrics record; skipped: %.80r', path, number, line)

@@ -5,9 +5,9 @@ the config groups that define them (task, model, data, diffusion) must match the
 except for fields that only tune speed or sampling (`RESUME_FREE`); training.*, eval.*,
 optimizer.*, ema.* and seed may change, except where a switch adds or removes optimiser-state
 arrays the checkpoint cannot fill (`RESUME_SWITCHES`) and the accumulation count
-(`RESUME_FIXED`). The demos must be the same, wherever they
-are: the dataset digest a checkpoint records (`prepare.PreparedData.dataset_digest`) and the
-normaliser statistics must match.
+(`RESUME_FIXED`). The demos must be the same, wherever they are: the dataset digest a
+checkpoint records (`prepare.PreparedData.dataset_digest`) and the normaliser statistics must
+match.
 """
 
 from typing import Any
