@@ -204,9 +204,10 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
       except ValueError as e:
         c.fail('model.resnet_width', f'stage {stage + 1}: {e}')
         break
-  if (sizes_ok and all(c.present(f'model.{name}') for name in (
-      'time_as_cond', 'obs_as_cond', 'pred_action_steps_only'))
-      and _is_int(config.task.get('horizon')) and _is_int(config.task.get('n_obs_steps'))):
+  fields = ('model.time_as_cond', 'model.obs_as_cond', 'model.pred_action_steps_only',
+            'task.horizon', 'task.n_obs_steps')
+  if (sizes_ok and all(c.present(field) for field in fields)
+      and _is_int(config.task.horizon) and _is_int(config.task.n_obs_steps)):
     for field, problem in model_problems(config.model, config.task.horizon,
                                          config.task.n_obs_steps):
       c.fail(f'model.{field}', problem)
